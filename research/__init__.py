@@ -1,0 +1,1 @@
+"""A small, complete JAX/Flax codebase for language-model research."""
