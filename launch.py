@@ -1,0 +1,83 @@
+"""The one entry point: python launch.py --experiment=NAME [--config.a.b=value ...] [--mode=...]
+
+Loads experiments/NAME.py:get_config(), applies command-line overrides (type-checked by
+ml_collections), and runs the experiment's stage in --workdir (default runs/NAME). Rerunning with
+the same workdir resumes from its latest checkpoint.
+"""
+
+import os
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parent / 'experiments'
+
+flags.DEFINE_string('experiment', None, 'Experiment name: a file experiments/NAME.py.')
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go '
+                    '(default runs/NAME).')
+flags.DEFINE_enum('mode', 'train', ['train', 'generate', 'tokenize'], 'What to do.')
+flags.DEFINE_string('prompt', None, 'Prompt for --mode=generate.')
+config_flags.DEFINE_config_file('config', None, 'Set by --experiment; override keys with '
+                                '--config.section.key=value.', lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def known_experiments() -> list[str]:
+  return sorted(p.stem for p in EXPERIMENTS.glob('*.py') if not p.stem.startswith('_'))
+
+
+def with_config_file(argv: list[str]) -> list[str]:
+  """Turns --experiment=NAME into --config=experiments/NAME.py, placed before any override."""
+  name = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith('--experiment='):
+      name = arg.split('=', 1)[1]
+    elif arg == '--experiment' and i + 1 < len(argv):
+      name = argv[i + 1]
+  if name is None:
+    if any(a.startswith('--help') or a == '-h' for a in argv):
+      return argv
+    fail(f'give --experiment=NAME; known experiments: {", ".join(known_experiments())}')
+  if not (EXPERIMENTS / f'{name}.py').is_file():
+    fail(f'unknown experiment {name!r}; known experiments: {", ".join(known_experiments())}')
+  return [argv[0], f'--config={EXPERIMENTS / name}.py'] + argv[1:]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return FLAGS(with_config_file(argv))
+  except flags.Error as e:
+    fail(f'{str(e).splitlines()[0]} (see python launch.py --helpfull)')
+  except (AttributeError, KeyError) as e:  # ml_collections: a --config.* key the config lacks.
+    hint = ' '.join(str(e).strip('"\'').replace('\\n', ' ').replace("\\'", '').split())
+    fail(f'unknown config key {hint}; python launch.py --experiment=NAME --helpfull lists them')
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  # Imported here so that flag errors come back fast, before jax loads.
+  from research import config as config_lib  # pylint: disable=g-import-not-at-top
+  from research.errors import UserError  # pylint: disable=g-import-not-at-top
+  from research.train import pretrain  # pylint: disable=g-import-not-at-top
+
+  config = FLAGS.config
+  workdir = FLAGS.workdir or os.path.join('runs', FLAGS.experiment)
+  try:
+    config_lib.validate(config)
+    if FLAGS.mode == 'train':
+      config_lib.save_to_workdir(config, workdir)
+      pretrain.train_and_evaluate(config, workdir)
+  except UserError as e:
+    fail(str(e))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

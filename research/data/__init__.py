@@ -1,0 +1,1 @@
+"""Text sources, tokenisation caches and deterministic batching."""

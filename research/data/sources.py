@@ -1,0 +1,100 @@
+"""Where text comes from: the embedded stdlib corpus, text files, folders of them, or JSONL.
+
+Every source becomes a list of `Document`s, split into train and val deterministically.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import sysconfig
+import zlib
+
+from research.errors import UserError
+
+EXCLUDED_DIRS = frozenset({'test', 'tests', 'idle_test', 'site-packages', '__pycache__'})
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  name: str  # file path, or "path:line" for a JSONL record
+  text: str
+
+
+def stdlib_paths() -> list[pathlib.Path]:
+  """The running interpreter's own standard-library `.py` files (no tests), sorted."""
+  root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  return sorted(p for p in root.rglob('*.py')
+                if not EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
+
+
+def _read_text(path: pathlib.Path) -> str:
+  try:
+    return path.read_bytes().decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise UserError(f'{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 '
+                    'or remove it from data.path.') from None
+
+
+def _read_jsonl(path: pathlib.Path, field: str) -> list[Document]:
+  docs = []
+  for i, line in enumerate(_read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f'{path}:{i} is not valid JSON ({e.msg}); fix or delete that line.') from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+      raise UserError(f'{path}:{i} has no string field "{field}"; each line must be an object '
+                      f'like {{"{field}": "..."}}.')
+    docs.append(Document(f'{path}:{i}', record[field]))
+  return docs
+
+
+def load_documents(path: str, text_field: str = 'text') -> list[Document]:
+  """Reads `path`: '' = stdlib corpus; a `.jsonl` file; a text file; or a folder of text files.
+
+  Folders are read recursively (hidden files skipped); each file must be UTF-8. Names are relative
+  to the stdlib root or the folder, so the train/val split is the same on every machine.
+  """
+  if not path:
+    root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+    return [Document(str(f.relative_to(root)), _read_text(f)) for f in stdlib_paths()]
+  p = pathlib.Path(os.path.expanduser(path))
+  if not p.exists():
+    raise UserError(f'data.path={path!r} does not exist; point --config.data.path at a text file, '
+                    'a folder of text files or a .jsonl file (or leave it empty for the default).')
+  if p.is_dir():
+    files = sorted(f for f in p.rglob('*') if f.is_file()
+                   and not any(part.startswith('.') for part in f.relative_to(p).parts))
+    docs = []
+    for f in files:
+      docs += (_read_jsonl(f, text_field) if f.suffix == '.jsonl'
+               else [Document(str(f.relative_to(p)), _read_text(f))])
+  elif p.suffix == '.jsonl':
+    docs = _read_jsonl(p, text_field)
+  else:
+    docs = [Document(str(p), _read_text(p))]
+  docs = [d for d in docs if d.text.strip()]
+  if not docs:
+    raise UserError(f'data.path={path!r} holds no text (empty files or folder); add text files.')
+  return docs
+
+
+def split_documents(docs: list[Document], val_fraction: float
+                    ) -> tuple[list[Document], list[Document]]:
+  """Deterministic train/val split: by a hash of each document's name, or, for a single
+  document, by position (its last `val_fraction` is val, as nanoGPT does)."""
+  if not 0.0 < val_fraction < 1.0:
+    raise UserError(f'data.val_fraction={val_fraction} must be in (0, 1).')
+  if len(docs) == 1:
+    text = docs[0].text
+    cut = int(len(text) * (1.0 - val_fraction))
+    return [Document(docs[0].name, text[:cut])], [Document(docs[0].name + ':val', text[cut:])]
+  in_val = [zlib.crc32(d.name.encode()) / 2**32 < val_fraction for d in docs]
+  train = [d for d, v in zip(docs, in_val) if not v]
+  val = [d for d, v in zip(docs, in_val) if v]
+  if not train or not val:  # Few documents: hold out the last one.
+    train, val = docs[:-1], docs[-1:]
+  return train, val

@@ -1,0 +1,91 @@
+"""Metrics: JSONL + TensorBoard writers, the progress line and the loss-curve plot."""
+
+import json
+import os
+import time
+from typing import Mapping, Optional
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import tensorboardX
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard.
+
+  On resume from `resume_step`, records of later steps (from a run that died after its last
+  checkpoint) are dropped so the file reads like one uninterrupted run.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    if not enabled:
+      return
+    kept = [r for r in read_jsonl(self.path) if r['step'] <= resume_step]
+    with open(self.path + '.tmp', 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(self.path + '.tmp', self.path)
+    self.file = open(self.path, 'a')
+    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {'step': step, **{k: float(v) for k, v in metrics.items()}}
+    self.file.write(json.dumps(record) + '\n')
+    self.file.flush()
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, float(v), step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.file.close()
+      self.tb.close()
+
+
+def plot_losses(metrics_path: str, out_png: str, keys: tuple[str, ...] = ('train/loss', 'eval/loss'),
+                title: str = '') -> None:
+  """Draws the curves of `keys` from a metrics.jsonl into a PNG."""
+  records = read_jsonl(metrics_path)
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for key in keys:
+    points = [(r['step'], r[key]) for r in records if key in r]
+    if points:
+      ax.plot(*zip(*points), label=key, marker='o' if key.startswith('eval') else None, ms=3)
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats/token)')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
+  plt.close(fig)
+
+
+class Progress:
+  """One line per log step: step, loss, tokens/s and ETA (steps measured since the start)."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.start_step, self.total = start_step, total_steps
+    self.t0 = time.perf_counter()
+
+  def line(self, step: int, metrics: Mapping[str, float], extra: Optional[str] = None) -> str:
+    done = step - self.start_step
+    elapsed = time.perf_counter() - self.t0
+    eta = elapsed / max(done, 1) * (self.total - step)
+    parts = [f'step {step}/{self.total}']
+    parts += [f'{k} {v:.4g}' for k, v in metrics.items()]
+    parts.append(f'ETA {int(eta // 60)}m{int(eta % 60):02d}s')
+    if extra:
+      parts.append(extra)
+    return ' | '.join(parts)

@@ -1,0 +1,1 @@
+"""Pure Flax linen modules: nothing here knows about training."""

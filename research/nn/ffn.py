@@ -1,0 +1,23 @@
+"""Position-wise feed-forward networks: ReLU (Vaswani et al.), GELU (GPT), SwiGLU (Shazeer 2020)."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from research.nn.attention import dense
+from research.nn.config import ModelConfig
+
+
+class FeedForward(nn.Module):
+  """x [batch, seq, d_model] -> [batch, seq, d_model] through a hidden layer of cfg.ffn_dim."""
+  cfg: ModelConfig
+  out_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    cfg = self.cfg
+    h = dense(x, cfg.ffn_dim, cfg, 'wi')
+    if cfg.ffn == 'swiglu':
+      h = nn.silu(dense(x, cfg.ffn_dim, cfg, 'wg')) * h
+    else:
+      h = nn.relu(h) if cfg.ffn == 'relu' else nn.gelu(h, approximate=True)
+    return dense(h, cfg.d_model, cfg, 'wo', self.out_scale)

@@ -1,0 +1,62 @@
+"""Model FLOPs and the hardware peak they are measured against (for MFU)."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets. Matched by substring of
+# jax.Device.device_kind, first match wins (so 'v5 lite' precedes 'v5').
+KNOWN_PEAKS = (
+    ('TPU v6 lite', 918e12), ('TPU v6e', 918e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12),
+    ('TPU v5p', 459e12), ('TPU v5', 459e12), ('TPU v4', 275e12),
+    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12),
+)
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def matmul_param_count(params) -> int:
+  """Parameters that take part in a matrix multiply per token (6N counts these).
+
+  Excludes vectors (norms), position tables, and the input embedding when it is not also the
+  unembedding (a lookup costs no FLOPs).
+  """
+  flat = traverse_util.flatten_dict(params, sep='/')
+  tied = not any(k.startswith('unembed') for k in flat)
+  return int(sum(np.prod(p.shape) for k, p in flat.items()
+                 if len(p.shape) >= 2 and not k.startswith('pos_embed')
+                 and (tied or not k.startswith('embed'))))
+
+
+def train_flops_per_token(params, num_layers: int, d_model: int, seq_len: int) -> float:
+  """6N + 12 L d T: forward+backward matmuls (6 per parameter) plus attention scores and the
+  weighted sum of values (PaLM, Chowdhery et al. 2022, appendix B)."""
+  return 6.0 * matmul_param_count(params) + 12.0 * num_layers * d_model * seq_len
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a large jitted float32 matmul on the default device, median of `repeats`."""
+  x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2.0 * n**3 / float(np.median(times))
+
+
+def device_peak_flops() -> tuple[float, str]:
+  """(peak FLOP/s per device, where it came from): the data-sheet bf16 peak for known
+  accelerators, else a measured float32 matmul."""
+  kind = jax.devices()[0].device_kind
+  for name, peak in KNOWN_PEAKS:
+    if name in kind:
+      return peak, f'{kind} bf16 data sheet'
+  return measure_matmul_peak(), f'{kind} measured fp32 matmul'

@@ -1,0 +1,1 @@
+"""Training: optimiser, the shared step loop, and one objective per stage."""

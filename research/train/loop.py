@@ -1,0 +1,200 @@
+"""The step loop every training stage shares: init or resume, jitted updates, eval, metrics,
+checkpoints, preemption and NaN guards. A stage supplies a `Task`: its model, batches and loss."""
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from research import metrics as metrics_lib
+from research import perf
+from research.checkpoint import Checkpointer
+from research.errors import UserError
+from research.train.optimizer import make_optimizer, make_schedule
+
+Batch = dict[str, np.ndarray]
+Params = Any
+
+
+@dataclasses.dataclass
+class Task:
+  """What a training stage gives the loop.
+
+  init_params(key) -> params.
+  loss_fn(params, batch, key) -> (scalar loss, dict of scalar metrics); key drives dropout.
+  eval_fn(params, batch) -> dict of scalar metrics (averaged over eval batches).
+  train_batch(step, micro) -> the micro-batch `micro` of optimiser step `step` (numpy).
+  eval_batches: the fixed eval set. tokens_per_step: tokens one optimiser step consumes.
+  flops_per_token(params) -> training FLOPs per token, for MFU.
+  """
+  init_params: Callable[[jax.Array], Params]
+  loss_fn: Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict]]
+  eval_fn: Callable[[Params, Batch], dict]
+  train_batch: Callable[[int, int], Batch]
+  eval_batches: list[Batch]
+  tokens_per_step: int
+  flops_per_token: Callable[[Params], float]
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: Params
+  opt_state: optax.OptState
+
+
+class Preempted:
+  """Turns SIGTERM and Ctrl-C into a flag the loop checks between steps (then saves and exits)."""
+
+  def __init__(self):
+    self.requested = False
+    self.previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self.previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    print(f'\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step',
+          flush=True)
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int):
+  """One micro-step: loss, grads, optimiser update. `index` = step * accum + micro seeds dropout."""
+  def train_step(state: TrainState, batch: Batch, index: jax.Array):
+    key = jax.random.fold_in(jax.random.key(seed), index)
+    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state.params, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state), {'loss': loss, 'grad_norm': optax.global_norm(grads),
+                                            **aux}
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def evaluate(eval_step, params: Params, batches: list[Batch]) -> dict[str, float]:
+  results = jax.device_get([eval_step(params, b) for b in batches])
+  return {f'eval/{k}': float(np.mean([r[k] for r in results])) for k in results[0]}
+
+
+@dataclasses.dataclass
+class RunResult:
+  params: Params
+  metrics: dict[str, float]  # The last logged train/ and eval/ metrics.
+  finished: bool  # False when preempted (a checkpoint was saved; rerun to resume).
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResult:
+  """Trains `task` to config.train.steps in `workdir`, resuming from its latest checkpoint."""
+  cfg = config.train
+  is_main = jax.process_index() == 0
+  tx = make_optimizer(cfg)
+  init = jax.jit(lambda key: TrainState(p := task.init_params(key), tx.init(p)))
+  state = init(jax.random.key(config.seed))
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(start, state)
+    print(f'resumed from the checkpoint at step {start}', flush=True)
+  if start >= cfg.steps:
+    print(f'{workdir} is already trained to step {start} (train.steps={cfg.steps})', flush=True)
+    ckpt.close()
+    return RunResult(state.params, {}, finished=True)
+
+  writer = metrics_lib.MetricsWriter(workdir, start, enabled=is_main)
+  accum = cfg.grad_accum_steps
+  schedule = make_schedule(cfg)
+  first = task.train_batch(start, 0)
+  t0 = time.perf_counter()
+  train_step = make_train_step(task, tx, config.seed).lower(state, first, np.int32(0)).compile()
+  compile_sec = time.perf_counter() - t0
+  eval_step = jax.jit(task.eval_fn)
+  flops_per_token = task.flops_per_token(state.params)
+  peak, peak_source = perf.device_peak_flops()
+  if is_main:
+    print(f'params {perf.param_count(state.params):,} | {flops_per_token / 1e6:.1f} MFLOP/token '
+          f'| peak {peak / 1e9:.0f} GFLOP/s ({peak_source}) | compiled in {compile_sec:.1f}s',
+          flush=True)
+  progress = metrics_lib.Progress(start, cfg.steps)
+  history, last = [], {}
+  pending = None  # Metrics of the previous micro-step, read after the next one is dispatched.
+  t_interval, steps_in_interval, data_sec = time.perf_counter(), 0, 0.0
+
+  def pull(pending_metrics, step):
+    values = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
+    if not np.isfinite(values['loss']):
+      raise UserError(f'the loss became {values["loss"]} at step {step}; lower '
+                      'train.learning_rate or raise train.warmup_steps, then resume from the last '
+                      'checkpoint (it holds finite weights).')
+    history.append(values)
+
+  with Preempted() as preempted:
+    for step in range(start, cfg.steps):
+      for micro in range(accum):
+        t_data = time.perf_counter()
+        batch = first if (step, micro) == (start, 0) else task.train_batch(step, micro)
+        data_sec += time.perf_counter() - t_data
+        state, out = train_step(state, batch, np.int32(step * accum + micro))
+        if pending is not None:
+          pull(*pending)
+        pending = (out, step + 1)
+      steps_in_interval += 1
+      done = step + 1
+      is_last = done == cfg.steps
+      if done % cfg.log_every == 0 or is_last or preempted.requested:
+        pull(*pending)
+        pending = None
+        elapsed = time.perf_counter() - t_interval
+        tokens_per_sec = steps_in_interval * task.tokens_per_step / elapsed
+        last = {f'train/{k}': float(np.mean([h[k] for h in history])) for k in history[0]}
+        last.update({'train/tokens_per_sec': tokens_per_sec,
+                     'train/mfu': tokens_per_sec * flops_per_token / peak,
+                     'train/data_wait_frac': data_sec / elapsed,
+                     'train/learning_rate': float(schedule(done))})
+        if is_main:
+          writer.write(done, last)
+          print(progress.line(done, {'loss': last['train/loss'],
+                                     'tok/s': tokens_per_sec, 'mfu': last['train/mfu']}),
+                flush=True)
+        history, steps_in_interval, data_sec = [], 0, 0.0
+        t_interval = time.perf_counter()
+      if done % cfg.eval_every == 0 or is_last:
+        if pending is not None:
+          pull(*pending)
+          pending = None
+        ev = evaluate(eval_step, state.params, task.eval_batches)
+        ev['eval/perplexity'] = float(np.exp(ev['eval/loss']))
+        last.update(ev)
+        if is_main:
+          writer.write(done, ev)
+          print(f'  eval at step {done}: ' + ', '.join(f'{k[5:]} {v:.4g}' for k, v in ev.items()),
+                flush=True)
+        t_interval = time.perf_counter()
+      if done % cfg.checkpoint_every == 0 or is_last or preempted.requested:
+        if pending is not None:  # Never save weights whose loss we have not seen to be finite.
+          pull(*pending)
+          pending = None
+        ckpt.save(done, state)
+        t_interval = time.perf_counter()
+      if preempted.requested:
+        ckpt.wait()
+        print(f'saved the checkpoint at step {done}; rerun the same command to resume', flush=True)
+        break
+  ckpt.close()
+  writer.close()
+  if is_main:
+    metrics_lib.plot_losses(writer.path, os.path.join(workdir, 'loss.png'),
+                            title=os.path.basename(os.path.normpath(workdir)))
+  return RunResult(state.params, last, finished=not preempted.requested)

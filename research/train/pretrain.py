@@ -1,0 +1,131 @@
+"""Causal language-model pretraining: next-token cross-entropy over packed windows of text."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from research import config as config_lib
+from research import decoding
+from research import perf
+from research import tokenizers
+from research.data import lm, sources
+from research.nn.transformer import DecoderLM
+from research.train import loop
+
+
+def lm_loss(logits: jnp.ndarray, targets: jnp.ndarray,
+            weights: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Mean next-token cross-entropy (float32) and accuracy over positions with weight > 0.
+
+  logits: [batch, seq, vocab]; targets, weights: [batch, seq].
+  """
+  weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  total = jnp.maximum(weights.sum(), 1.0)
+  accuracy = ((logits.argmax(-1) == targets) * weights).sum() / total
+  return (losses * weights).sum() / total, accuracy
+
+
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                      train_texts) -> tokenizers.Tokenizer:
+  """Loads the workdir's tokenizer, or trains one on the train split and saves it there."""
+  directory = os.path.join(workdir, 'tokenizer')
+  if os.path.isdir(directory):
+    return tokenizers.load_tokenizer(directory)
+  tok = tokenizers.train_tokenizer(config.tokenizer, train_texts())
+  tok.save(directory + '.tmp')
+  os.replace(directory + '.tmp', directory)
+  return tok
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str):
+  """(tokenizer, train token ids, val token ids), cached in the workdir after the first run."""
+  split = {}
+
+  def texts(name):
+    if not split:
+      docs = sources.load_documents(config.data.path, config.data.text_field)
+      split['train'], split['val'] = sources.split_documents(docs, config.data.val_fraction)
+    return [d.text for d in split[name]]
+
+  tok = prepare_tokenizer(config, workdir, lambda: texts('train'))
+  os.makedirs(os.path.join(workdir, 'data'), exist_ok=True)
+  train = lm.cached_tokens(os.path.join(workdir, 'data', 'train.npy'), tok, lambda: texts('train'))
+  val = lm.cached_tokens(os.path.join(workdir, 'data', 'val.npy'), tok, lambda: texts('val'))
+  lm.check_length(train, config.train.seq_len, 'train')
+  lm.check_length(val, config.train.seq_len, 'val')
+  return tok, train, val
+
+
+def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens: np.ndarray,
+              val_tokens: np.ndarray) -> loop.Task:
+  t = config.train
+  micro_batch = t.batch_size // t.grad_accum_steps
+
+  def loss_fn(params, batch, key):
+    logits, _ = model.apply({'params': params}, batch['inputs'], deterministic=False,
+                            rngs={'dropout': key})
+    loss, accuracy = lm_loss(logits, batch['targets'])
+    return loss, {'accuracy': accuracy}
+
+  def eval_fn(params, batch):
+    logits, _ = model.apply({'params': params}, batch['inputs'])
+    loss, accuracy = lm_loss(logits, batch['targets'])
+    return {'loss': loss, 'accuracy': accuracy}
+
+  return loop.Task(
+      init_params=lambda key: model.init(key, jnp.zeros((1, t.seq_len), jnp.int32))['params'],
+      loss_fn=loss_fn,
+      eval_fn=eval_fn,
+      train_batch=lambda step, micro: lm.lm_batch(train_tokens, micro_batch, t.seq_len,
+                                                  config.seed, step, micro),
+      eval_batches=lm.eval_batches(val_tokens, t.eval_batches, micro_batch, t.seq_len),
+      tokens_per_step=t.batch_size * t.seq_len,
+      flops_per_token=lambda params: perf.train_flops_per_token(
+          params, config.model.num_layers, config.model.d_model, t.seq_len))
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+  """Entropy (nats/token) of the token frequencies: the loss of a model that ignores context."""
+  counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def write_sample(config: ml_collections.ConfigDict, workdir: str, model: DecoderLM, params,
+                 tok: tokenizers.Tokenizer) -> str:
+  """Generates from config.sampling.prompt and writes prompt + continuation to samples.txt."""
+  s = config.sampling
+  ids = [tok.bos_id] + tok.encode(s.prompt)
+  new = min(s.max_new_tokens, config.model.max_len - len(ids))
+  prompts, mask = decoding.left_pad([ids], tok.pad_id)
+  out = decoding.sample(model, params, prompts, mask, jax.random.key(config.seed),
+                        max_new_tokens=new, temperature=s.temperature, top_k=s.top_k,
+                        top_p=s.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  text = s.prompt + tok.decode(np.asarray(out[0]))
+  with open(os.path.join(workdir, 'samples.txt'), 'w') as f:
+    f.write(f'# prompt: {s.prompt!r}, temperature {s.temperature}, top_k {s.top_k}, '
+            f'top_p {s.top_p}\n{text}\n')
+  return text
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+  """Pretrains a GPT in `workdir` (resuming if it holds a checkpoint) and writes a sample."""
+  tok, train_tokens, val_tokens = prepare_data(config, workdir)
+  model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
+  entropy = unigram_entropy(val_tokens, tok.vocab_size)
+  print(f'tokenizer {config.tokenizer.kind}: vocab {tok.vocab_size} | train {len(train_tokens):,} '
+        f'tokens | val {len(val_tokens):,} tokens | val unigram entropy {entropy:.3f} nats/token',
+        flush=True)
+  with open(os.path.join(workdir, 'data', 'stats.json'), 'w') as f:
+    json.dump({'train_tokens': len(train_tokens), 'val_tokens': len(val_tokens),
+               'val_unigram_entropy': entropy, 'vocab_size': tok.vocab_size}, f)
+  result = loop.run(config, workdir, make_task(config, model, train_tokens, val_tokens))
+  if result.finished and jax.process_index() == 0:
+    print('sample:\n' + write_sample(config, workdir, model, result.params, tok), flush=True)
+  return result
