@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from research import tokenizers
 from research.errors import UserError
 from research.nn.config import ModelConfig
 
@@ -24,15 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
       val_fraction=0.05,
       text_field='text',  # JSONL field holding the text.
   ))
-  c.tokenizer = ml_collections.ConfigDict(dict(
-      kind='char',  # char | word | byte | sentencepiece
-      vocab_size=4096,  # Upper bound including the special tokens (byte: fixed 266).
-      model_type='bpe',  # sentencepiece: bpe | unigram
-      character_coverage=0.9995,
-      byte_fallback=True,
-      path='',  # An existing sentencepiece .model to use instead of training one.
-      max_train_chars=3_000_000,  # sentencepiece trains on a sample of this many characters.
-  ))
+  c.tokenizer = tokenizers.default_config()
   fields = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != 'vocab_size'}
   c.model = ml_collections.ConfigDict(fields)
   c.train = ml_collections.ConfigDict(dict(

@@ -96,6 +96,22 @@ class RunResult:
   finished: bool  # False when preempted (a checkpoint was saved; rerun to resume).
 
 
+def restore_params(config: ml_collections.ConfigDict, workdir: str,
+                   init_params: Callable[[jax.Array], Params]) -> tuple[Params, int]:
+  """The parameters of the latest checkpoint in `workdir` and its step (for inference)."""
+  tx = make_optimizer(config.train)
+  abstract = jax.eval_shape(lambda key: TrainState(p := init_params(key), tx.init(p)),
+                            jax.random.key(0))
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'))
+  step = ckpt.latest_step()
+  if step is None:
+    raise UserError(f'{workdir} holds no checkpoint; train first (same --experiment and '
+                    '--workdir, --mode=train) or point --workdir at a trained run.')
+  state = ckpt.restore(step, abstract)
+  ckpt.close()
+  return state.params, step
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResult:
   """Trains `task` to config.train.steps in `workdir`, resuming from its latest checkpoint."""
   cfg = config.train

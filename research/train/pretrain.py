@@ -2,6 +2,7 @@
 
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from research import decoding
 from research import perf
 from research import tokenizers
 from research.data import lm, sources
+from research.errors import UserError
 from research.nn.transformer import DecoderLM
 from research.train import loop
 
@@ -129,3 +131,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   if result.finished and jax.process_index() == 0:
     print('sample:\n' + write_sample(config, workdir, model, result.params, tok), flush=True)
   return result
+
+
+def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizers.Tokenizer,
+                                        DecoderLM, Any]:
+  """(config, tokenizer, model, params) of the latest checkpoint of a run in `workdir`."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise UserError(f'{workdir} holds no run (no config.json); train it first or fix --workdir.')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  tok = tokenizers.load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
+  init = lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32))['params']
+  params, _ = loop.restore_params(config, workdir, init)
+  return config, tok, model, params
