@@ -79,7 +79,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int):
     (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state.params, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state), {'loss': loss, 'grad_norm': optax.global_norm(grads),
+    return TrainState(params, opt_state), {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                                             **aux}
   return jax.jit(train_step, donate_argnums=0)
 
@@ -156,60 +156,62 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
                       'checkpoint (it holds finite weights).')
     history.append(values)
 
-  with Preempted() as preempted:
-    for step in range(start, cfg.steps):
-      for micro in range(accum):
-        t_data = time.perf_counter()
-        batch = first if (step, micro) == (start, 0) else task.train_batch(step, micro)
-        data_sec += time.perf_counter() - t_data
-        state, out = train_step(state, batch, np.int32(step * accum + micro))
-        if pending is not None:
-          pull(*pending)
-        pending = (out, step + 1)
-      steps_in_interval += 1
-      done = step + 1
-      is_last = done == cfg.steps
-      if done % cfg.log_every == 0 or is_last or preempted.requested:
-        pull(*pending)
-        pending = None
-        elapsed = time.perf_counter() - t_interval
-        tokens_per_sec = steps_in_interval * task.tokens_per_step / elapsed
-        last = {f'train/{k}': float(np.mean([h[k] for h in history])) for k in history[0]}
-        last.update({'train/tokens_per_sec': tokens_per_sec,
-                     'train/mfu': tokens_per_sec * flops_per_token / peak,
-                     'train/data_wait_frac': data_sec / elapsed,
-                     'train/learning_rate': float(schedule(done))})
-        if is_main:
-          writer.write(done, last)
-          print(progress.line(done, {'loss': last['train/loss'],
-                                     'tok/s': tokens_per_sec, 'mfu': last['train/mfu']}),
-                flush=True)
-        history, steps_in_interval, data_sec = [], 0, 0.0
-        t_interval = time.perf_counter()
-      if done % cfg.eval_every == 0 or is_last:
-        if pending is not None:
+  try:
+    with Preempted() as preempted:
+      for step in range(start, cfg.steps):
+        for micro in range(accum):
+          t_data = time.perf_counter()
+          batch = first if (step, micro) == (start, 0) else task.train_batch(step, micro)
+          data_sec += time.perf_counter() - t_data
+          state, out = train_step(state, batch, np.int32(step * accum + micro))
+          if pending is not None:
+            pull(*pending)
+          pending = (out, step + 1)
+        steps_in_interval += 1
+        done = step + 1
+        is_last = done == cfg.steps
+        if done % cfg.log_every == 0 or is_last or preempted.requested:
           pull(*pending)
           pending = None
-        ev = evaluate(eval_step, state.params, task.eval_batches)
-        ev['eval/perplexity'] = float(np.exp(ev['eval/loss']))
-        last.update(ev)
-        if is_main:
-          writer.write(done, ev)
-          print(f'  eval at step {done}: ' + ', '.join(f'{k[5:]} {v:.4g}' for k, v in ev.items()),
-                flush=True)
-        t_interval = time.perf_counter()
-      if done % cfg.checkpoint_every == 0 or is_last or preempted.requested:
-        if pending is not None:  # Never save weights whose loss we have not seen to be finite.
-          pull(*pending)
-          pending = None
-        ckpt.save(done, state)
-        t_interval = time.perf_counter()
-      if preempted.requested:
-        ckpt.wait()
-        print(f'saved the checkpoint at step {done}; rerun the same command to resume', flush=True)
-        break
-  ckpt.close()
-  writer.close()
+          elapsed = time.perf_counter() - t_interval
+          tokens_per_sec = steps_in_interval * task.tokens_per_step / elapsed
+          last = {f'train/{k}': float(np.mean([h[k] for h in history])) for k in history[0]}
+          last.update({'train/tokens_per_sec': tokens_per_sec,
+                       'train/mfu': tokens_per_sec * flops_per_token / peak,
+                       'train/data_wait_frac': data_sec / elapsed,
+                       'train/learning_rate': float(schedule(done))})
+          if is_main:
+            writer.write(done, last)
+            print(progress.line(done, {'loss': last['train/loss'],
+                                       'tok/s': tokens_per_sec, 'mfu': last['train/mfu']}),
+                  flush=True)
+          history, steps_in_interval, data_sec = [], 0, 0.0
+          t_interval = time.perf_counter()
+        if done % cfg.eval_every == 0 or is_last:
+          if pending is not None:
+            pull(*pending)
+            pending = None
+          ev = evaluate(eval_step, state.params, task.eval_batches)
+          ev['eval/perplexity'] = float(np.exp(ev['eval/loss']))
+          last.update(ev)
+          if is_main:
+            writer.write(done, ev)
+            print(f'  eval at step {done}: ' + ', '.join(f'{k[5:]} {v:.4g}' for k, v in ev.items()),
+                  flush=True)
+          t_interval = time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or is_last or preempted.requested:
+          if pending is not None:  # Never save weights whose loss we have not seen to be finite.
+            pull(*pending)
+            pending = None
+          ckpt.save(done, state)
+          t_interval = time.perf_counter()
+        if preempted.requested:
+          ckpt.wait()
+          print(f'saved the checkpoint at step {done}; rerun the same command to resume', flush=True)
+          break
+  finally:  # Even on an error, finish the saves in flight: they hold finite weights.
+    ckpt.close()
+    writer.close()
   if is_main:
     metrics_lib.plot_losses(writer.path, os.path.join(workdir, 'loss.png'),
                             title=os.path.basename(os.path.normpath(workdir)))

@@ -1,0 +1,68 @@
+"""Generation from a trained run: continue one prompt, or chat over stdin / stdout.
+
+  python launch.py --experiment=pretrain_small --mode=generate --prompt='def ' \
+      --config.sampling.strategy=beam
+  printf 'hello\n' | python launch.py --experiment=pretrain_small --mode=chat
+
+The sampling settings are the `sampling` section of the current command line's config, not the
+one saved with the run, so they can change between calls.
+"""
+
+from typing import TextIO
+
+import jax
+import ml_collections
+
+from research import decoding
+from research.errors import UserError
+from research.train import pretrain
+
+
+def generate_main(workdir: str, prompt: str | None, sampling: ml_collections.ConfigDict,
+                  seed: int = 0) -> str:
+  """Prints and returns the continuation of `prompt` (after BOS) by the run in `workdir`."""
+  if prompt is None:
+    raise UserError('--mode=generate got no prompt; expected text to continue; pass --prompt=TEXT.')
+  _, tok, model, params = pretrain.load_trained(workdir)
+  ids = [tok.bos_id] + tok.encode(prompt)
+  new = decoding.generate(model, params, tok, [ids], sampling, jax.random.key(seed))[0]
+  text = tok.decode(new)
+  print(text, flush=True)
+  return text
+
+
+def chat_main(workdir: str, sampling: ml_collections.ConfigDict, stdin: TextIO, stdout: TextIO,
+              seed: int = 0) -> None:
+  """Chats with the run in `workdir`: one user message per line of `stdin`, one reply each.
+
+  Writes each reply followed by a newline to `stdout`. Stops at EOF or a line '/exit'. When the
+  conversation no longer fits the context next to sampling.max_new_tokens, its oldest exchanges
+  are dropped.
+  """
+  _, tok, model, params = pretrain.load_trained(workdir)
+  budget = model.cfg.max_len - sampling.max_new_tokens
+  key = jax.random.key(seed)
+  messages = []
+  for turn, line in enumerate(iter(lambda: _read(stdin, stdout), '')):
+    text = line.strip()
+    if text == '/exit':
+      break
+    if not text:
+      continue
+    messages.append({'role': 'user', 'content': text})
+    while len(messages) > 1 and len(decoding.chat_prompt(tok, messages)) > budget:
+      messages = messages[2:]  # The oldest user message and its reply.
+    prompt = decoding.chat_prompt(tok, messages)
+    new = decoding.generate(model, params, tok, [prompt], sampling, jax.random.fold_in(key, turn))
+    reply = tok.decode(new[0])
+    messages.append({'role': 'assistant', 'content': reply})
+    stdout.write(reply + '\n')
+    stdout.flush()
+
+
+def _read(stdin: TextIO, stdout: TextIO) -> str:
+  """The next line of `stdin` ('' at EOF), after a '> ' prompt when a person is typing."""
+  if stdin.isatty():
+    stdout.write('> ')
+    stdout.flush()
+  return stdin.readline()

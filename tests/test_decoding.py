@@ -1,0 +1,295 @@
+"""Tests for research/decoding.py and research/generate.py: the KV cache against full forward
+passes, greedy / sampling / beam search, batching, chat, and input errors."""
+
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import config as config_lib
+from research import decoding
+from research import generate
+from research import tokenizers
+from research.errors import UserError
+from research.nn.config import ModelConfig
+from research.nn.transformer import DecoderLM, init_cache
+from research.train import pretrain
+
+TEXT = 'the quick brown fox jumps over the lazy dog; THE QUICK BROWN FOX 0123456789.'
+ARCHS = {
+    'learned': {},
+    'gqa': {'num_kv_heads': 2},
+    'mqa': {'num_kv_heads': 1},
+    'rope': {'pos_encoding': 'rope', 'norm': 'rmsnorm', 'ffn': 'swiglu'},
+}
+NEW = 8  # max_new_tokens in most tests
+
+
+@pytest.fixture(scope='module')
+def tok() -> tokenizers.Tokenizer:
+  return tokenizers.train_tokenizer(tokenizers.default_config(), [TEXT])
+
+
+@pytest.fixture(scope='module')
+def models(tok) -> dict[str, tuple[DecoderLM, dict]]:
+  """Tiny random models by architecture; the unembedding scaled up so that greedy decoding neither
+  repeats one token nor meets near-ties."""
+  out = {}
+  for i, (name, overrides) in enumerate(ARCHS.items()):
+    cfg = ModelConfig(vocab_size=tok.vocab_size, num_layers=2, num_heads=4, d_model=32,
+                      max_len=64, tie_embeddings=False, **overrides)
+    model = DecoderLM(cfg)
+    params = model.init(jax.random.key(i), jnp.zeros((1, 1), jnp.int32))['params']
+    params['unembed']['kernel'] *= 20
+    out[name] = model, params
+  return out
+
+
+@pytest.fixture(scope='module')
+def lm(models) -> tuple[DecoderLM, dict]:
+  return models['learned']
+
+
+def _sampling(**overrides):
+  s = config_lib.default_config().sampling
+  s.update(max_new_tokens=NEW, **overrides)
+  return s
+
+
+def _prompts(tok, lengths, seed=0) -> list[list[int]]:
+  rng = np.random.default_rng(seed)
+  return [[tok.bos_id] + rng.integers(10, tok.vocab_size, n - 1).tolist() for n in lengths]
+
+
+def _full_logits(model, params, tokens, mask):
+  """Logits [batch, len, vocab] of one forward pass over left-padded tokens, no cache."""
+  return model.apply({'params': params}, tokens, *decoding.prompt_layout(mask))[0]
+
+
+_full_logits_jit = jax.jit(_full_logits, static_argnums=0)
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_cached_decode_matches_full_forward(models, arch):
+  model, params = models[arch]
+  b, p, k = 3, 6, 5
+  tokens = np.random.default_rng(1).integers(10, model.cfg.vocab_size, (b, p + k))
+  step = jax.jit(lambda tok, pos, cache: decoding.decode_step(model, params, tok, pos, cache))
+  prefill = jax.jit(lambda t, m: decoding.prefill(model, params, t, m, p + k))
+  for pads in ([0, 0, 0], [0, 3, 5]):  # No left padding, then rows padded by 3 and 5.
+    mask = np.arange(p + k)[None] >= np.array(pads)[:, None]
+    full = _full_logits_jit(model, params, tokens, mask)
+    logits, cache, positions = prefill(tokens[:, :p], mask[:, :p])
+    cached = [logits]
+    for j in range(k - 1):
+      logits, cache = step(tokens[:, p + j], positions + j, cache)
+      cached.append(logits)
+    np.testing.assert_allclose(np.stack(cached, 1), full[:, p - 1:-1], atol=1e-4, rtol=0)
+
+
+def _greedy_reference(model, params, prompts, mask, steps, eos_id, pad_id):
+  """Greedy decoding by argmax over a full forward pass per token (no cache)."""
+  b, p = prompts.shape
+  tokens = np.concatenate([prompts, np.full((b, steps), pad_id)], 1)
+  mask = np.concatenate([mask, np.zeros((b, steps), bool)], 1)
+  out, done = np.full((b, steps), pad_id), np.zeros(b, bool)
+  for i in range(steps):
+    tok = np.argmax(_full_logits_jit(model, params, tokens, mask)[:, p - 1 + i], -1)
+    out[:, i] = np.where(done, pad_id, tok)
+    done |= tok == eos_id
+    tokens[:, p + i], mask[:, p + i] = tok, True
+  return out
+
+
+def _greedy(model, params, prompts, mask, eos_id, pad_id=0):
+  return np.asarray(decoding.sample(model, params, prompts, mask, jax.random.key(0),
+                                    max_new_tokens=NEW, temperature=0.0, top_k=0, top_p=1.0,
+                                    eos_id=eos_id, pad_id=pad_id))
+
+
+@pytest.fixture(scope='module')
+def batch(tok):
+  """Left-padded prompts of 5 and 11 tokens and an EOS id that greedy decoding emits mid-way."""
+  return decoding.left_pad(_prompts(tok, [5, 11]), tok.pad_id)
+
+
+def _mid_eos(lm, batch) -> int:
+  """A token that greedy emits at step 3 of row 0: as EOS it ends row 0 early."""
+  return int(_greedy(*lm, *batch, eos_id=-1)[0, 3])
+
+
+def test_greedy_equals_full_forward_argmax(lm, batch):
+  for eos in (-1, _mid_eos(lm, batch)):
+    expected = _greedy_reference(*lm, *batch, NEW, eos, 0)
+    np.testing.assert_array_equal(_greedy(*lm, *batch, eos), expected)
+  assert (expected[0, 4:] == 0).all() and (expected[1] != 0).all()
+
+
+def test_tiny_temperature_equals_greedy(lm, batch):
+  out = decoding.sample(*lm, *batch, jax.random.key(3), max_new_tokens=NEW, temperature=1e-6,
+                        top_k=0, top_p=1.0, eos_id=-1, pad_id=0)
+  np.testing.assert_array_equal(out, _greedy(*lm, *batch, eos_id=-1))
+
+
+def _draws(probs, n=4000, **kwargs) -> np.ndarray:
+  """n draws of next_token from one row of probabilities."""
+  logits = jnp.tile(jnp.log(jnp.asarray(probs)), (n, 1))
+  return np.asarray(decoding.next_token(logits, jax.random.key(0), 1.0, **kwargs))
+
+
+def test_top_k_draws_only_the_k_most_likely():
+  probs = np.array([0.05, 0.3, 0.1, 0.25, 0.2, 0.1])
+  draws = _draws(probs, top_k=3, top_p=1.0)
+  freq = np.bincount(draws, minlength=6) / len(draws)
+  np.testing.assert_allclose(freq, np.array([0, 0.3, 0, 0.25, 0.2, 0]) / 0.75, atol=0.03)
+
+
+@pytest.mark.parametrize('top_p, nucleus', [(0.65, [1, 3]), (0.75, [1, 3, 4]), (0.35, [1])])
+def test_top_p_draws_only_from_the_nucleus(top_p, nucleus):
+  probs = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
+  draws = _draws(probs, top_k=0, top_p=top_p)
+  freq = np.bincount(draws, minlength=5) / len(draws)
+  expected = np.zeros(5)
+  expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+  np.testing.assert_allclose(freq, expected, atol=0.03)
+
+
+def test_sampling_is_deterministic_given_a_seed(lm, batch):
+  run = lambda seed: np.asarray(decoding.sample(
+      *lm, *batch, jax.random.key(seed), max_new_tokens=NEW, temperature=1.0, top_k=0,
+      top_p=0.9, eos_id=-1, pad_id=0))
+  np.testing.assert_array_equal(run(0), run(0))
+  assert (run(0) != run(1)).any()
+
+
+def _beams(model, params, prompts, mask, num_beams, eos_id, length_penalty=1.0, new=NEW):
+  tokens, scores = decoding.beam_search(model, params, prompts, mask, num_beams=num_beams,
+                                        max_new_tokens=new, length_penalty=length_penalty,
+                                        eos_id=eos_id, pad_id=0)
+  return np.asarray(tokens), np.asarray(scores)
+
+
+def test_beam_width_one_equals_greedy(lm, batch):
+  eos = _mid_eos(lm, batch)
+  tokens, _ = _beams(*lm, *batch, num_beams=1, eos_id=eos)
+  np.testing.assert_array_equal(tokens[:, 0], _greedy(*lm, *batch, eos))
+
+
+def test_beam_search_is_deterministic_and_sorted(lm, batch):
+  eos = _mid_eos(lm, batch)
+  tokens, scores = _beams(*lm, *batch, num_beams=3, eos_id=eos)
+  again, _ = _beams(*lm, *batch, num_beams=3, eos_id=eos)
+  np.testing.assert_array_equal(tokens, again)
+  assert (np.diff(scores, axis=1) <= 0).all() and np.isfinite(scores).all()
+
+
+# A bigram table where greedy is myopic: from A, B (0.5) beats C (0.4), but after B nothing is
+# likely, while C -> D -> EOS is. Greedy: B EOS (p = 0.1); best: C D EOS (p = 0.324).
+A, B, C, D, EOS = 4, 5, 6, 7, 3
+
+
+def _bigram_model() -> tuple[DecoderLM, dict]:
+  """A DecoderLM whose next-token log-probs depend only on the last token, per the table above.
+
+  Attention and FFN outputs are zero, the embedding is one-hot in d = vocab + 1 dimensions and the
+  unembedding undoes the final LayerNorm, so logits = log_probs[last token].
+  """
+  v = 8
+  probs = np.full((v, v), 1 / v)
+  probs[A] = [0.01, 0.01, 0.01, 0.02, 0.02, 0.5, 0.4, 0.03]
+  probs[B] = [0.8 / 7] * v
+  probs[B, EOS] = 0.2
+  probs[C] = [0.1 / 7] * v
+  probs[C, D] = 0.9
+  probs[D] = [0.1 / 7] * v
+  probs[D, EOS] = 0.9
+  cfg = ModelConfig(vocab_size=v, num_layers=1, num_heads=1, d_model=v + 1, max_len=16,
+                    pos_encoding='rope', tie_embeddings=False)
+  model = DecoderLM(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
+  params = jax.tree.map(np.zeros_like, params)
+  params['embed']['embedding'] = np.eye(v, v + 1)
+  scale = 1 / np.sqrt(1 / (v + 1) - 1 / (v + 1) ** 2 + 1e-6)  # LayerNorm of a one-hot row.
+  unembed = np.log(probs) / scale
+  params['ln_final']['scale'] = np.ones(v + 1)
+  params['unembed']['kernel'] = np.concatenate([unembed, -unembed.sum(0, keepdims=True)])
+  return model, params
+
+
+@pytest.mark.parametrize('length_penalty', [0.0, 1.0])
+def test_beam_search_beats_myopic_greedy(length_penalty):
+  model, params = _bigram_model()
+  prompts, mask = np.array([[A]]), np.array([[True]])
+  greedy = decoding.sample(model, params, prompts, mask, jax.random.key(0), max_new_tokens=4,
+                           temperature=0.0, top_k=0, top_p=1.0, eos_id=EOS, pad_id=0)
+  np.testing.assert_array_equal(greedy, [[B, EOS, 0, 0]])
+  tokens, scores = _beams(model, params, prompts, mask, 2, EOS, length_penalty, new=4)
+  np.testing.assert_array_equal(tokens[0, 0], [C, D, EOS, 0])
+  np.testing.assert_allclose(scores[0, 0], np.log(0.4 * 0.9 * 0.9) / 3 ** length_penalty,
+                             rtol=1e-5)
+
+
+def test_batched_prompts_match_single_prompts(tok, lm):
+  prompts = _prompts(tok, [3, 12, 7], seed=2)
+  for strategy in ('greedy', 'beam'):
+    s = _sampling(strategy=strategy, num_beams=2)
+    batched = decoding.generate(*lm, tok, prompts, s, jax.random.key(0))
+    assert batched == [decoding.generate(*lm, tok, [p], s, jax.random.key(0))[0]
+                       for p in prompts]
+    assert all(batched)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'temperature': -0.5}, r'sampling.temperature=-0.5 must be >= 0'),
+    ({'top_p': 0.0}, r'sampling.top_p=0.0 must be in \(0, 1\]'),
+    ({'top_p': 1.5}, r'sampling.top_p=1.5 must be in \(0, 1\]'),
+    ({'top_k': -1}, r'sampling.top_k=-1 must be >= 0'),
+    ({'num_beams': 0}, r'sampling.num_beams=0 must be >= 1'),
+    ({'strategy': 'nucleus'}, r"sampling.strategy='nucleus' is not one of"),
+    ({'max_new_tokens': 0}, r'sampling.max_new_tokens=0 must be >= 1'),
+])
+def test_bad_sampling_settings_raise(tok, lm, overrides, message):
+  with pytest.raises(UserError, match=message):
+    decoding.generate(*lm, tok, [[tok.bos_id]], _sampling(**overrides), jax.random.key(0))
+
+
+def test_bad_prompts_raise(tok, lm):
+  with pytest.raises(UserError, match=r'prompt 1 is empty \(0 tokens\)'):
+    decoding.generate(*lm, tok, [[tok.bos_id], []], _sampling(), jax.random.key(0))
+  with pytest.raises(UserError, match=r'the prompt has 60 tokens and sampling.max_new_tokens=8, '
+                     r'68 in all, more than model.max_len=64; shorten the prompt'):
+    decoding.generate(*lm, tok, [[tok.bos_id] * 60], _sampling(), jax.random.key(0))
+
+
+def test_chat_keeps_history_and_stops_at_exit(tok, lm, monkeypatch):
+  monkeypatch.setattr(pretrain, 'load_trained', lambda workdir: (None, tok, *lm))
+  prompts = []
+  real_generate = decoding.generate
+
+  def spy(model, params, tokenizer, prompt_ids, sampling, key):
+    prompts.append(prompt_ids[0])
+    return real_generate(model, params, tokenizer, prompt_ids, sampling, key)
+
+  monkeypatch.setattr(decoding, 'generate', spy)
+  stdout = io.StringIO()
+  generate.chat_main('run', _sampling(strategy='greedy'), io.StringIO('hi\n\nfox?\n/exit\nno\n'),
+                     stdout)
+  replies = stdout.getvalue().split('\n')  # The tokenizer has no newline: one line per reply.
+  assert len(replies) == 3 and replies[-1] == ''
+  history = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': replies[0]},
+             {'role': 'user', 'content': 'fox?'}]
+  assert prompts == [decoding.chat_prompt(tok, history[:1]), decoding.chat_prompt(tok, history)]
+
+
+def test_generate_main(tok, lm, monkeypatch, tmp_path):
+  with pytest.raises(UserError, match='holds no run'):
+    generate.generate_main(str(tmp_path), 'the', _sampling())
+  monkeypatch.setattr(pretrain, 'load_trained', lambda workdir: (None, tok, *lm))
+  with pytest.raises(UserError, match='got no prompt'):
+    generate.generate_main('run', None, _sampling())
+  text = generate.generate_main('run', 'the', _sampling(strategy='greedy'))
+  ids = decoding.generate(*lm, tok, [[tok.bos_id] + tok.encode('the')], _sampling(strategy='greedy'),
+                          jax.random.key(0))[0]
+  assert text == tok.decode(ids)

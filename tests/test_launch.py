@@ -1,0 +1,77 @@
+"""launch.py on bad input: one clear line, exit code 2, nothing in the workdir lost."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config.model.num_layers=1', '--config.model.d_model=32', '--config.model.num_heads=2',
+        '--config.train.seq_len=16', '--config.train.batch_size=4', '--config.train.steps=2',
+        '--config.train.eval_batches=1', '--config.data.val_fraction=0.2',
+        '--config.sampling.max_new_tokens=4']
+
+
+def launch(*args, workdir=None):
+  cmd = [sys.executable, 'launch.py', *args]
+  if workdir:
+    cmd.append(f'--workdir={workdir}')
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc, *words):
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
+  for w in words:
+    assert w in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--experiment=pretrain_smal'], ['unknown experiment', 'pretrain_small']),
+    (['--experiment=pretrain_small', '--config.train.stepz=3'], ['stepz', 'steps']),
+    (['--experiment=pretrain_small', '--config.train.steps=ten'], ['train.steps', 'ten']),
+    (['--experiment=pretrain_small', '--config.model.num_heads=5'], ['not divisible', 'num_heads']),
+    (['--experiment=pretrain_small', '--config.train.seq_len=4096'], ['seq_len', 'max_len']),
+    (['--experiment=pretrain_small', '--config.data.path=/no/such/file.txt'], ['does not exist']),
+    (['--experiment=pretrain_small', '--mode=fly'], ['mode']),
+])
+def test_bad_flags_and_configs(args, words, tmp_path):
+  assert_one_line_error(launch(*args, workdir=str(tmp_path / 'w')), *words)
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_bad_data(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  (empty / 'blank.txt').write_text('  \n')
+  assert_one_line_error(launch('--experiment=pretrain_small', f'--config.data.path={empty}',
+                               workdir=str(tmp_path / 'w1')), 'holds no text')
+  binary = tmp_path / 'bin'
+  binary.mkdir()
+  (binary / 'ok.txt').write_text('hello ' * 100)
+  (binary / 'bad.dat').write_bytes(b'abc\xff\xfe\x00def')
+  assert_one_line_error(launch('--experiment=pretrain_small', f'--config.data.path={binary}',
+                               workdir=str(tmp_path / 'w2')), 'bad.dat', 'UTF-8')
+  jsonl = tmp_path / 'data.jsonl'
+  jsonl.write_text('{"text": "fine"}\n{"txt": "no field"}\n')
+  assert_one_line_error(launch('--experiment=pretrain_small', f'--config.data.path={jsonl}',
+                               workdir=str(tmp_path / 'w3')), 'data.jsonl:2', 'text')
+
+
+def test_workdir_of_another_model_is_refused_and_kept(tiny_corpus, tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = launch('--experiment=pretrain_small', f'--config.data.path={tiny_corpus}', *TINY,
+                 workdir=workdir)
+  assert first.returncode == 0, first.stderr[-2000:]
+  before = {f: os.path.getmtime(os.path.join(dp, f)) for dp, _, fs in os.walk(workdir) for f in fs}
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config_before = f.read()
+  proc = launch('--experiment=pretrain_small', f'--config.data.path={tiny_corpus}', *TINY,
+                '--config.model.d_model=64', workdir=workdir)
+  assert_one_line_error(proc, 'model.d_model', '--workdir')
+  after = {f: os.path.getmtime(os.path.join(dp, f)) for dp, _, fs in os.walk(workdir) for f in fs}
+  assert after == before
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == config_before

@@ -1,0 +1,84 @@
+"""DecoderLM: shapes, causality, and the architecture switches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.errors import UserError
+from research.nn.config import ModelConfig
+from research.nn.position import apply_rope
+from research.nn.transformer import DecoderLM
+
+VOCAB, B, T = 37, 2, 12
+
+
+def build(**kw):
+  cfg = ModelConfig(vocab_size=VOCAB, num_layers=2, num_heads=4, d_model=32, max_len=16, **kw)
+  model = DecoderLM(cfg)
+  tokens = jax.random.randint(jax.random.key(0), (B, T), 0, VOCAB)
+  params = model.init(jax.random.key(1), tokens)['params']
+  return model, params, tokens
+
+
+# Every choice of every switch appears at least once.
+VARIANTS = [dict(pos_encoding=p, norm=n, norm_position=np_, ffn=f) for p, n, np_, f in [
+    ('learned', 'layernorm', 'pre', 'relu'), ('sinusoidal', 'rmsnorm', 'post', 'gelu'),
+    ('rope', 'layernorm', 'post', 'swiglu'), ('rope', 'rmsnorm', 'pre', 'gelu')]]
+
+
+@pytest.mark.parametrize('kw', VARIANTS + [dict(num_kv_heads=1), dict(tie_embeddings=False)])
+def test_shapes_and_causality(kw):
+  model, params, tokens = build(**kw)
+  logits, cache = model.apply({'params': params}, tokens)
+  assert logits.shape == (B, T, VOCAB) and logits.dtype == jnp.float32 and cache is None
+  assert np.isfinite(np.asarray(logits)).all()
+  t = 7
+  changed = tokens.at[:, t].set((tokens[:, t] + 1) % VOCAB)
+  new_logits, _ = model.apply({'params': params}, changed)
+  diff = np.abs(np.asarray(new_logits - logits)).max(axis=(0, 2))
+  assert (diff[:t] == 0).all(), 'a change at position t leaked into earlier logits'
+  assert (diff[t:] > 0).all()
+
+
+def test_causality_through_gradients():
+  """d logits[t] / d embedding rows: zero for rows used only after t, non-zero up to t."""
+  model, params, _ = build(tie_embeddings=False)
+  tokens = jnp.arange(T)[None]  # Distinct tokens: embedding row i is used at position i only.
+  t = 5
+
+  def logit_sum(embedding):
+    p = {**params, 'embed': {'embedding': embedding}}
+    return model.apply({'params': p}, tokens)[0][0, t].sum()
+
+  grad = np.abs(np.asarray(jax.grad(logit_sum)(params['embed']['embedding']))).max(axis=1)
+  assert (grad[:t + 1] > 0).all() and (grad[t + 1:T] == 0).all()
+
+
+def test_gqa_with_all_heads_equals_mha():
+  model, params, tokens = build()
+  model_gqa, _, _ = build(num_kv_heads=4)
+  a, _ = model.apply({'params': params}, tokens)
+  b, _ = model_gqa.apply({'params': params}, tokens)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_rope_scores_depend_on_relative_position():
+  q = jax.random.normal(jax.random.key(2), (1, 1, 1, 8))
+  k = jax.random.normal(jax.random.key(3), (1, 1, 1, 8))
+  def score(pq, pk):
+    return float((apply_rope(q, jnp.array([[pq]])) * apply_rope(k, jnp.array([[pk]]))).sum())
+  assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-5)
+  assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+
+
+@pytest.mark.parametrize('kw, words', [
+    (dict(d_model=30, num_heads=4), 'not divisible'),
+    (dict(num_kv_heads=3), 'num_kv_heads'),
+    (dict(pos_encoding='alibi'), 'pos_encoding'),
+    (dict(ffn='tanh'), 'model.ffn'),
+])
+def test_impossible_configs(kw, words):
+  base = dict(vocab_size=VOCAB, num_layers=1, num_heads=4, d_model=32)
+  with pytest.raises(UserError, match=words):
+    ModelConfig(**{**base, **kw})

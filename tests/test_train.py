@@ -1,0 +1,137 @@
+"""The training loop: learning, exact resume after a crash, preemption, NaN guard, outputs."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.config import default_config
+from research.data import lm
+from research.errors import UserError
+from research.metrics import read_jsonl
+from research.train import loop, pretrain
+from research.train.optimizer import make_optimizer
+from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def losses(workdir):
+  return {r['step']: r['train/loss'] for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+          if 'train/loss' in r}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tiny_corpus, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('full'))
+  result = pretrain.train_and_evaluate(tiny_config(tiny_corpus), workdir)
+  return workdir, result
+
+
+def test_loss_falls_and_outputs_exist(tiny_corpus, tmp_path):
+  workdir = str(tmp_path)
+  config = tiny_config(tiny_corpus, steps=60, learning_rate=1e-2, eval_every=30,
+                       checkpoint_every=30, log_every=10)
+  result = pretrain.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'data', 'stats.json')) as f:
+    entropy = json.load(f)['val_unigram_entropy']
+  first = losses(workdir)[10]
+  assert result.metrics['eval/loss'] < 0.7 * entropy < first
+  for name in ('metrics.jsonl', 'loss.png', 'samples.txt', 'tokenizer', 'checkpoints/60'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert any(f.startswith('events') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+
+
+def test_resume_after_crash_gives_identical_losses(tiny_corpus, tmp_path, monkeypatch,
+                                                   uninterrupted):
+  """Killed (not asked) after the step-4 checkpoint, rerun: steps 5.. match the full run."""
+  workdir = str(tmp_path)
+  config = tiny_config(tiny_corpus)
+  real_batch = lm.lm_batch
+
+  def crash_at_step_6(tokens, batch_size, seq_len, seed, step, micro=0):
+    if step == 6:
+      # Saves run in the background: die once step 4's checkpoint is committed, not mid-save.
+      deadline = time.time() + 60
+      while not os.path.exists(os.path.join(workdir, 'checkpoints', '4')) and time.time() < deadline:
+        time.sleep(0.05)
+      raise RuntimeError('simulated crash')
+    return real_batch(tokens, batch_size, seq_len, seed, step, micro)
+
+  monkeypatch.setattr(lm, 'lm_batch', crash_at_step_6)
+  with pytest.raises(RuntimeError, match='simulated crash'):
+    pretrain.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4']
+  monkeypatch.setattr(lm, 'lm_batch', real_batch)
+  resumed = pretrain.train_and_evaluate(config, workdir)
+
+  full_dir, full = uninterrupted
+  assert losses(workdir) == losses(full_dir)  # Steps 1..8, bit for bit.
+  assert resumed.metrics['eval/loss'] == full.metrics['eval/loss']
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+  """One optimiser step over 2 micro-batches of 2 rows == one step over the 4 rows."""
+  x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+  y = x @ np.array([1.0, -2.0, 0.5], np.float32)
+
+  def loss_fn(params, batch, key):
+    del key
+    return jnp.mean((batch['x'] @ params['w'] - batch['y']) ** 2), {}
+
+  task = loop.Task(init_params=lambda key: {'w': jnp.zeros((3,))}, loss_fn=loss_fn,
+                   eval_fn=None, train_batch=None, eval_batches=[], tokens_per_step=0,
+                   flops_per_token=None)
+  params = []
+  for accum, batches in ((1, [slice(0, 4)]), (2, [slice(0, 2), slice(2, 4)])):
+    cfg = default_config().train
+    cfg.update(grad_accum_steps=accum, warmup_steps=0, schedule='constant', learning_rate=0.1)
+    tx = make_optimizer(cfg)
+    p = task.init_params(None)
+    state = loop.TrainState(p, tx.init(p))
+    step = loop.make_train_step(task, tx, seed=0)
+    for i, rows in enumerate(batches):
+      state, _ = step(state, {'x': x[rows], 'y': y[rows]}, np.int32(i))
+    params.append(np.asarray(state.params['w']))
+  assert np.abs(params[0]).min() > 0
+  np.testing.assert_allclose(params[0], params[1], atol=1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_error(tiny_corpus, tmp_path):
+  config = tiny_config(tiny_corpus, learning_rate=1e12, warmup_steps=1, grad_clip=0.0, steps=30,
+                       checkpoint_every=1)
+  with pytest.raises(UserError, match='loss became') as err:
+    pretrain.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(re.search(r'at step (\d+)', str(err.value)).group(1))
+  saved = [int(s) for s in os.listdir(os.path.join(tmp_path, 'checkpoints'))]
+  assert saved and max(saved) < bad_step  # Only weights with a finite loss were saved.
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tiny_corpus, tmp_path):
+  workdir = str(tmp_path / 'run')
+  cmd = [sys.executable, 'launch.py', '--experiment=pretrain_small', f'--workdir={workdir}',
+         f'--config.data.path={tiny_corpus}', '--config.model.num_layers=1',
+         '--config.model.d_model=32', '--config.model.num_heads=2', '--config.train.seq_len=16',
+         '--config.train.batch_size=4', '--config.train.steps=100000',
+         '--config.train.checkpoint_every=100000', '--config.train.log_every=1',
+         '--config.data.val_fraction=0.2', '--config.train.eval_every=100000']
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('step 3/'):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = ''.join(lines) + proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out
+  saved = os.listdir(os.path.join(workdir, 'checkpoints'))
+  assert len(saved) == 1 and int(saved[0]) >= 3, out
+  assert 'rerun the same command to resume' in out
