@@ -1,0 +1,110 @@
+"""Training throughput of the project's real train step: ms/step, tokens/s and MFU.
+
+  python bench/train_throughput.py                 # workloads a, b, c
+  python bench/train_throughput.py --workloads=a --steps=20 --json
+
+MFU = tokens/s * (6N + 12 L d T) / peak, N = parameters in matrix multiplies (the tied
+embedding counts once, as the unembedding), L layers, d width, T sequence length; peak = a
+large jitted float32 matmul measured here (median of repeats), or a data-sheet bf16 peak on
+known accelerators. Token ids are random (speed does not depend on them) but batches go through
+the real batching code, so the data-wait share is real.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+from research import config as config_lib
+from research import perf
+from research.nn.transformer import DecoderLM
+from research.train import loop, pretrain
+from research.train.optimizer import make_optimizer
+
+CHAR_VOCAB = 65  # nanoGPT's Shakespeare characters.
+
+
+def workload(name: str):
+  """(config, vocab size) of a named workload."""
+  c = importlib.import_module('experiments.pretrain_small').get_config()
+  if name == 'c':
+    return c, 232  # pretrain_small as shipped (char vocabulary of the stdlib corpus).
+  shapes = {'a': (4, 4, 128, 64, 12), 'b': (6, 6, 384, 256, 16)}
+  layers, heads, width, seq, batch = shapes[name]
+  c.model.update(num_layers=layers, num_heads=heads, d_model=width, max_len=seq, dropout=0.0)
+  c.train.update(seq_len=seq, batch_size=batch, grad_accum_steps=1)
+  return c, CHAR_VOCAB
+
+
+def bench(config, vocab: int, steps: int, warmup: int) -> dict:
+  t = config.train
+  model = DecoderLM(config_lib.model_config(config, vocab))
+  tokens = np.random.default_rng(0).integers(0, vocab, 200_000).astype(np.uint16)
+  task = pretrain.make_task(config, model, tokens, tokens)
+  tx = make_optimizer(t)
+  state = jax.jit(lambda k: loop.TrainState(p := task.init_params(k), tx.init(p)))(
+      jax.random.key(0))
+  batch = task.train_batch(0, 0)
+  t0 = time.perf_counter()
+  step_fn = loop.make_train_step(task, tx, 0).lower(state, batch, np.int32(0)).compile()
+  compile_sec = time.perf_counter() - t0
+  times, data_times = [], []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    batch = task.train_batch(i, 0)
+    t1 = time.perf_counter()
+    state, out = step_fn(state, batch, np.int32(i))
+    out['loss'].block_until_ready()
+    t2 = time.perf_counter()
+    if i >= warmup:
+      times.append(t2 - t0)
+      data_times.append(t1 - t0)
+  ms = np.array(times) * 1e3
+  tokens_per_sec = t.batch_size * t.seq_len / np.median(times)
+  flops = task.flops_per_token(state.params)
+  return dict(params=perf.param_count(state.params), ms_median=float(np.median(ms)),
+              ms_p10=float(np.percentile(ms, 10)), ms_p90=float(np.percentile(ms, 90)),
+              tokens_per_sec=float(tokens_per_sec), flops_per_token=flops,
+              compile_sec=compile_sec, data_frac=float(np.sum(data_times) / np.sum(times)),
+              final_loss=float(out['loss']))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workloads', default='a,b,c')
+  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--json', action='store_true', help='print one JSON object per workload')
+  args = parser.parse_args()
+  peak, source = perf.device_peak_flops()
+  rows = []
+  for name in args.workloads.split(','):
+    config, vocab = workload(name)
+    r = bench(config, vocab, args.steps, args.warmup)
+    r.update(workload=name, mfu=r['tokens_per_sec'] * r['flops_per_token'] / peak, peak=peak)
+    rows.append(r)
+    if args.json:
+      print(json.dumps(r), flush=True)
+  if args.json:
+    return
+  print(f'peak: {peak / 1e9:.1f} GFLOP/s ({source}); MFU = tokens/s * (6N + 12*L*d*T) / peak')
+  print(f'{"workload":8} {"params":>10} {"ms/step":>9} {"p10-p90":>13} {"tokens/s":>10} '
+        f'{"MFU":>6} {"compile s":>9} {"data":>6}')
+  for r in rows:
+    print(f'{r["workload"]:8} {r["params"]:>10,} {r["ms_median"]:>9.1f} '
+          f'{r["ms_p10"]:>6.1f}-{r["ms_p90"]:<6.1f} {r["tokens_per_sec"]:>10,.0f} '
+          f'{r["mfu"]:>6.1%} {r["compile_sec"]:>9.1f} {r["data_frac"]:>6.2%}')
+  print(f'peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB')
+
+
+if __name__ == '__main__':
+  main()
