@@ -75,6 +75,8 @@ def main(argv: list[str]) -> None:
     if FLAGS.mode == 'train':
       config_lib.save_to_workdir(config, workdir)
       pretrain.train_and_evaluate(config, workdir)
+    elif FLAGS.mode == 'tokenize':
+      print(pretrain.tokenizer_report(config, workdir))
   except UserError as e:
     fail(str(e))
 

@@ -146,3 +146,14 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizers.To
   init = lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32))['params']
   params, _ = loop.restore_params(config, workdir, init)
   return config, tok, model, params
+
+
+def tokenizer_report(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The tokenizer report on the val split: the workdir's tokenizer if it has one, else one
+  trained now from the config (and not saved)."""
+  docs = sources.load_documents(config.data.path, config.data.text_field)
+  train, val = sources.split_documents(docs, config.data.val_fraction)
+  directory = os.path.join(workdir, 'tokenizer')
+  tok = (tokenizers.load_tokenizer(directory) if os.path.isdir(directory)
+         else tokenizers.train_tokenizer(config.tokenizer, [d.text for d in train]))
+  return tokenizers.tokenizer_report(tok, ''.join(d.text for d in val))
