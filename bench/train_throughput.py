@@ -53,14 +53,14 @@ def bench(config, vocab: int, steps: int, warmup: int) -> dict:
   tx = make_optimizer(t)
   state = jax.jit(lambda k: loop.TrainState(p := task.init_params(k), tx.init(p)))(
       jax.random.key(0))
-  batch = task.train_batch(0, 0)
+  batch = task.train_batch(0, 0, slice(None))
   t0 = time.perf_counter()
   step_fn = loop.make_train_step(task, tx, 0).lower(state, batch, np.int32(0)).compile()
   compile_sec = time.perf_counter() - t0
   times, data_times = [], []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
-    batch = task.train_batch(i, 0)
+    batch = task.train_batch(i, 0, slice(None))
     t1 = time.perf_counter()
     state, out = step_fn(state, batch, np.int32(i))
     out['loss'].block_until_ready()

@@ -47,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
   ))
+  # Device mesh axis sizes (research/parallel.py); -1 = all remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   c.sampling = ml_collections.ConfigDict(dict(
       strategy='sample',  # greedy | sample | beam
       temperature=0.8,

@@ -125,7 +125,7 @@ def decode(model: nn.Module, params: Any, logits: jnp.ndarray, cache: Cache,
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
-                                             'top_p', 'eos_id', 'pad_id'))
+                                             'top_p'))
 def sample(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask: jnp.ndarray,
            key: jax.Array, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
            eos_id: int, pad_id: int) -> jnp.ndarray:
@@ -157,8 +157,7 @@ def _best(tokens: jnp.ndarray, scores: jnp.ndarray, n: int) -> tuple[jnp.ndarray
   return jnp.take_along_axis(tokens, idx[..., None], axis=1), scores
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'num_beams', 'max_new_tokens',
-                                             'length_penalty', 'eos_id', 'pad_id'))
+@functools.partial(jax.jit, static_argnames=('model', 'num_beams', 'max_new_tokens'))
 def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask: jnp.ndarray, *,
                 num_beams: int, max_new_tokens: int, length_penalty: float, eos_id: int,
                 pad_id: int) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -184,6 +183,9 @@ def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask
   def length_norm(logprob, length):
     return logprob / length.astype(jnp.float32) ** length_penalty
 
+  def is_open(scores):  # [b, 1]: whether a row has fewer than n finished hypotheses
+    return scores[:, -1:] == -jnp.inf
+
   def body(s: _Beams) -> _Beams:
     vocab = s.logits.shape[-1]
     logprob = s.alive_logprob[..., None] + jax.nn.log_softmax(s.logits).reshape(b, n, vocab)
@@ -192,8 +194,7 @@ def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask
     hyps = jnp.take_along_axis(s.alive, parent[..., None], axis=1).at[:, :, s.step].set(tok)
     # At most n candidates are EOS, so n others always stay alive.
     is_eos = tok == eos_id
-    row_open = s.scores[:, -1:] == -jnp.inf
-    ends = is_eos & (jnp.arange(2 * n) < n) & row_open
+    ends = is_eos & (jnp.arange(2 * n) < n) & is_open(s.scores)
     end_scores = jnp.where(ends, length_norm(cand_logprob, s.step + 1), -jnp.inf)
     finished, scores = _best(jnp.concatenate([s.finished, hyps], axis=1),
                              jnp.concatenate([s.scores, end_scores], axis=1), n)
@@ -206,15 +207,14 @@ def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask
     return _Beams(s.step + 1, logits, cache, alive, alive_logprob, finished, scores)
 
   def cond(s: _Beams) -> jnp.ndarray:
-    return (s.step < t) & jnp.any(s.scores[:, -1] == -jnp.inf)
+    return (s.step < t) & jnp.any(is_open(s.scores))
 
   empty = jnp.full((b, n, t), pad_id, jnp.int32)
   only_first = jnp.where(jnp.arange(n) == 0, 0.0, -jnp.inf)  # the n beams start identical
   s = jax.lax.while_loop(cond, body, _Beams(
       jnp.zeros((), jnp.int32), logits, cache, empty, jnp.tile(only_first, (b, 1)), empty,
       jnp.full((b, n), -jnp.inf)))
-  row_open = s.scores[:, -1:] == -jnp.inf
-  alive_scores = jnp.where(row_open, length_norm(s.alive_logprob, s.step), -jnp.inf)
+  alive_scores = jnp.where(is_open(s.scores), length_norm(s.alive_logprob, s.step), -jnp.inf)
   return _best(jnp.concatenate([s.finished, s.alive], axis=1),
                jnp.concatenate([s.scores, alive_scores], axis=1), n)
 

@@ -43,17 +43,15 @@ def chat_main(workdir: str, sampling: ml_collections.ConfigDict, stdin: TextIO, 
   budget = model.cfg.max_len - sampling.max_new_tokens
   key = jax.random.key(seed)
   messages = []
-  for turn, line in enumerate(iter(lambda: _read(stdin, stdout), '')):
-    text = line.strip()
-    if text == '/exit':
-      break
-    if not text:
+  while (line := _read(stdin, stdout)) and line.strip() != '/exit':
+    if not line.strip():
       continue
-    messages.append({'role': 'user', 'content': text})
+    messages.append({'role': 'user', 'content': line.strip()})
     while len(messages) > 1 and len(decoding.chat_prompt(tok, messages)) > budget:
       messages = messages[2:]  # The oldest user message and its reply.
-    prompt = decoding.chat_prompt(tok, messages)
-    new = decoding.generate(model, params, tok, [prompt], sampling, jax.random.fold_in(key, turn))
+    key, sub = jax.random.split(key)
+    new = decoding.generate(model, params, tok, [decoding.chat_prompt(tok, messages)], sampling,
+                            sub)
     reply = tok.decode(new[0])
     messages.append({'role': 'assistant', 'content': reply})
     stdout.write(reply + '\n')

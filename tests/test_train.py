@@ -56,14 +56,14 @@ def test_resume_after_crash_gives_identical_losses(tiny_corpus, tmp_path, monkey
   config = tiny_config(tiny_corpus)
   real_batch = lm.lm_batch
 
-  def crash_at_step_6(tokens, batch_size, seq_len, seed, step, micro=0):
+  def crash_at_step_6(tokens, batch_size, seq_len, seed, step, micro=0, rows=slice(None)):
     if step == 6:
       # Saves run in the background: die once step 4's checkpoint is committed, not mid-save.
       deadline = time.time() + 60
       while not os.path.exists(os.path.join(workdir, 'checkpoints', '4')) and time.time() < deadline:
         time.sleep(0.05)
       raise RuntimeError('simulated crash')
-    return real_batch(tokens, batch_size, seq_len, seed, step, micro)
+    return real_batch(tokens, batch_size, seq_len, seed, step, micro, rows)
 
   monkeypatch.setattr(lm, 'lm_batch', crash_at_step_6)
   with pytest.raises(RuntimeError, match='simulated crash'):

@@ -36,15 +36,15 @@ def check_length(tokens: np.ndarray, seq_len: int, split: str) -> None:
                     'data.val_fraction.')
 
 
-def lm_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
-             step: int, micro: int = 0) -> dict[str, np.ndarray]:
-  """A random batch of windows: {'inputs', 'targets'}: int32 [batch_size, seq_len].
+def lm_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int,
+             micro: int = 0, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+  """Rows `rows` of a random batch of windows: {'inputs', 'targets'}: int32 [rows, seq_len].
 
-  targets are the inputs shifted by one token.
+  targets are the inputs shifted by one token. Each host reads only its own rows.
   """
   rng = np.random.default_rng([seed, step, micro])
   starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
-  return windows(tokens, starts, seq_len)
+  return windows(tokens, starts[rows], seq_len)
 
 
 def eval_batches(tokens: np.ndarray, num_batches: int, batch_size: int,

@@ -27,6 +27,12 @@ class ModelConfig:
   ffn: 'relu' (original), 'gelu' (GPT/BERT, tanh approximation) or 'swiglu' (Shazeer 2020);
     hidden width = ffn_multiplier * d_model.
   dtype: compute dtype; parameters, softmax and loss stay float32.
+  moe_every: 0 = dense; n = every n-th block (blocks n-1, 2n-1, ...) replaces its FFN by
+    num_experts FFNs of the same kind and width, moe_top_k of which run per token (noisy top-k
+    gating when moe_noisy, Shazeer et al. 2017). moe_capacity_factor: slots per expert =
+    factor * top_k * seq / num_experts, later tokens of an overfull expert are dropped; <= 0 never
+    drops. moe_*_weight: weights of the balancing losses added to the training loss (importance
+    and load: Shazeer et al. 2017; switch: Fedus et al. 2021; router z-loss: Zoph et al. 2022).
   """
   vocab_size: int
   family: str = 'decoder'
@@ -44,6 +50,15 @@ class ModelConfig:
   ffn: str = 'gelu'
   tie_embeddings: bool = True
   dtype: str = 'float32'
+  moe_every: int = 0
+  num_experts: int = 8
+  moe_top_k: int = 2
+  moe_noisy: bool = True
+  moe_capacity_factor: float = 1.25
+  moe_importance_weight: float = 0.1
+  moe_load_weight: float = 0.1
+  moe_switch_weight: float = 0.0
+  moe_z_weight: float = 0.0
 
   def __post_init__(self):
     for key, allowed in CHOICES.items():
@@ -63,6 +78,22 @@ class ModelConfig:
       raise UserError(f'RoPE needs an even head dimension, got d_model/num_heads={self.head_dim}.')
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f'model.dropout={self.dropout} must be in [0, 1).')
+    self._check_moe()
+
+  def _check_moe(self):
+    if not 0 <= self.moe_every <= self.num_layers:
+      raise UserError(f'model.moe_every={self.moe_every} must be in [0, model.num_layers='
+                      f'{self.num_layers}]; 0 is dense, n makes every n-th block a MoE.')
+    if not 1 <= self.moe_top_k <= self.num_experts:
+      raise UserError(f'model.moe_top_k={self.moe_top_k} must be in [1, model.num_experts='
+                      f'{self.num_experts}]; lower moe_top_k or raise num_experts.')
+    for key in ('moe_importance_weight', 'moe_load_weight', 'moe_switch_weight', 'moe_z_weight'):
+      if getattr(self, key) < 0:
+        raise UserError(f'model.{key}={getattr(self, key)} must be >= 0.')
+    if self.moe_load_weight and not self.moe_noisy:
+      raise UserError(f'model.moe_load_weight={self.moe_load_weight} needs model.moe_noisy=True '
+                      '(the load loss is defined through the gate noise); set moe_load_weight=0 '
+                      'or moe_noisy=True.')
 
   @property
   def head_dim(self) -> int:
@@ -75,3 +106,6 @@ class ModelConfig:
   @property
   def ffn_dim(self) -> int:
     return int(self.ffn_multiplier * self.d_model)
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.moe_every > 0 and (layer + 1) % self.moe_every == 0

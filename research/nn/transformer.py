@@ -10,6 +10,7 @@ import numpy as np
 from research.nn.attention import Attention, attention_mask
 from research.nn.config import ModelConfig
 from research.nn.ffn import FeedForward
+from research.nn.moe import MoE
 from research.nn.position import sinusoidal_table
 
 Cache = dict[str, Any]  # {'index': [], 'pos'/'seg': [batch, len], 'layers': {block_i: {'k', 'v'}}}
@@ -21,14 +22,18 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
 
 
 class Block(nn.Module):
-  """Self-attention then feed-forward, each wrapped in a residual; norms pre or post."""
+  """Self-attention then feed-forward (a mixture of experts if `moe`), each wrapped in a residual;
+  norms pre or post."""
   cfg: ModelConfig
+  moe: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray,
                cache: Optional[dict] = None, cache_index: Optional[jnp.ndarray] = None,
-               deterministic: bool = True) -> tuple[jnp.ndarray, Optional[dict]]:
-    """x: [batch, seq, d_model]; mask: [batch, 1, seq, keys]. Returns (x, this layer's new cache)."""
+               deterministic: bool = True, token_mask: Optional[jnp.ndarray] = None
+               ) -> tuple[jnp.ndarray, Optional[dict]]:
+    """x: [batch, seq, d_model]; mask: [batch, 1, seq, keys]; token_mask: [batch, seq], 0 for
+    padding (the MoE routes only the others; default all 1). Returns (x, this layer's new cache)."""
     cfg = self.cfg
     out_scale = 1.0 / np.sqrt(2 * cfg.num_layers)  # GPT-2: residual branches start small.
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
@@ -40,7 +45,12 @@ class Block(nn.Module):
     if not pre:
       x = make_norm(cfg, 'ln_attn')(x)
     h = make_norm(cfg, 'ln_ffn')(x) if pre else x
-    x = x + drop(FeedForward(cfg, out_scale, name='ffn')(h))
+    if self.moe:
+      token_mask = jnp.ones(x.shape[:2], bool) if token_mask is None else token_mask
+      h = MoE(cfg, out_scale, name='moe')(h, token_mask, deterministic)
+    else:
+      h = FeedForward(cfg, out_scale, name='ffn')(h)
+    x = x + drop(h)
     if not pre:
       x = make_norm(cfg, 'ln_ffn')(x)
     return x, cache
@@ -98,8 +108,8 @@ class DecoderLM(nn.Module):
     for i in range(cfg.num_layers):
       name = f'block_{i}'
       layer_cache = None if cache is None else cache['layers'][name]
-      x, new_layers[name] = Block(cfg, name=name)(x, mask, positions, layer_cache, index,
-                                                  deterministic)
+      x, new_layers[name] = Block(cfg, cfg.is_moe_layer(i), name=name)(
+          x, mask, positions, layer_cache, index, deterministic, segment_ids > 0)
     if cfg.norm_position == 'pre':
       x = make_norm(cfg, 'ln_final')(x)
     x2d = x.reshape(b * t, cfg.d_model)

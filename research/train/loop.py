@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from research import metrics as metrics_lib
+from research import parallel
 from research import perf
 from research.checkpoint import Checkpointer
 from research.errors import UserError
@@ -30,14 +31,15 @@ class Task:
   init_params(key) -> params.
   loss_fn(params, batch, key) -> (scalar loss, dict of scalar metrics); key drives dropout.
   eval_fn(params, batch) -> dict of scalar metrics (averaged over eval batches).
-  train_batch(step, micro) -> the micro-batch `micro` of optimiser step `step` (numpy).
+  train_batch(step, micro, rows) -> rows `rows` (this process's share) of micro-batch `micro`
+    of optimiser step `step`, as numpy arrays.
   eval_batches: the fixed eval set. tokens_per_step: tokens one optimiser step consumes.
   flops_per_token(params) -> training FLOPs per token, for MFU.
   """
   init_params: Callable[[jax.Array], Params]
   loss_fn: Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict]]
   eval_fn: Callable[[Params, Batch], dict]
-  train_batch: Callable[[int, int], Batch]
+  train_batch: Callable[[int, int, slice], Batch]
   eval_batches: list[Batch]
   tokens_per_step: int
   flops_per_token: Callable[[Params], float]
@@ -72,8 +74,13 @@ class Preempted:
       signal.signal(sig, handler)
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int):
-  """One micro-step: loss, grads, optimiser update. `index` = step * accum + micro seeds dropout."""
+def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
+                    state_sharding: Any = None, batch_sharding: Any = None):
+  """One micro-step: loss, grads, optimiser update. `index` = step * accum + micro seeds dropout.
+
+  With shardings, the state stays sharded as given (donated, updated in place) and batches
+  arrive sharded over the batch axes.
+  """
   def train_step(state: TrainState, batch: Batch, index: jax.Array):
     key = jax.random.fold_in(jax.random.key(seed), index)
     (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state.params, batch, key)
@@ -81,7 +88,10 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int):
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state), {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                                             **aux}
-  return jax.jit(train_step, donate_argnums=0)
+  if state_sharding is None:
+    return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding, None),
+                 out_shardings=(state_sharding, None))
 
 
 def evaluate(eval_step, params: Params, batches: list[Batch]) -> dict[str, float]:
@@ -98,10 +108,13 @@ class RunResult:
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str,
                    init_params: Callable[[jax.Array], Params]) -> tuple[Params, int]:
-  """The parameters of the latest checkpoint in `workdir` and its step (for inference)."""
+  """The parameters of the latest checkpoint in `workdir` and its step, on one device (for
+  inference), whatever mesh the checkpoint was saved from."""
   tx = make_optimizer(config.train)
-  abstract = jax.eval_shape(lambda key: TrainState(p := init_params(key), tx.init(p)),
-                            jax.random.key(0))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      jax.eval_shape(lambda key: TrainState(p := init_params(key), tx.init(p)), jax.random.key(0)))
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'))
   step = ckpt.latest_step()
   if step is None:
@@ -117,8 +130,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   cfg = config.train
   is_main = jax.process_index() == 0
   tx = make_optimizer(cfg)
-  init = jax.jit(lambda key: TrainState(p := task.init_params(key), tx.init(p)))
-  state = init(jax.random.key(config.seed))
+  mesh = parallel.make_mesh(config.mesh)
+  micro_batch = cfg.batch_size // cfg.grad_accum_steps
+  parallel.check_batch(micro_batch, mesh)
+  rows, batch_sharding = parallel.process_slice(micro_batch), parallel.batch_sharding(mesh)
+
+  def get_batch(step: int, micro: int) -> dict[str, jax.Array]:
+    return parallel.to_global(task.train_batch(step, micro, rows), batch_sharding)
+
+  def init(key):
+    params = task.init_params(key)
+    return TrainState(params, tx.init(params))
+
+  key = jax.random.key(config.seed)
+  state_sharding = parallel.state_shardings(jax.eval_shape(init, key), mesh)
+  state = jax.jit(init, out_shardings=state_sharding)(key)  # Created already sharded.
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
@@ -132,11 +158,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   writer = metrics_lib.MetricsWriter(workdir, start, enabled=is_main)
   accum = cfg.grad_accum_steps
   schedule = make_schedule(cfg)
-  first = task.train_batch(start, 0)
+  first = get_batch(start, 0)
   t0 = time.perf_counter()
-  train_step = make_train_step(task, tx, config.seed).lower(state, first, np.int32(0)).compile()
+  train_step = make_train_step(task, tx, config.seed, state_sharding, batch_sharding).lower(
+      state, first, np.int32(0)).compile()
   compile_sec = time.perf_counter() - t0
   eval_step = jax.jit(task.eval_fn)
+  eval_batches = [parallel.to_global({k: v[rows] for k, v in b.items()}, batch_sharding)
+                  for b in task.eval_batches]
   flops_per_token = task.flops_per_token(state.params)
   peak, peak_source = perf.device_peak_flops()
   if is_main:
@@ -161,7 +190,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
       for step in range(start, cfg.steps):
         for micro in range(accum):
           t_data = time.perf_counter()
-          batch = first if (step, micro) == (start, 0) else task.train_batch(step, micro)
+          batch = first if (step, micro) == (start, 0) else get_batch(step, micro)
           data_sec += time.perf_counter() - t_data
           state, out = train_step(state, batch, np.int32(step * accum + micro))
           if pending is not None:
@@ -191,7 +220,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
           if pending is not None:
             pull(*pending)
             pending = None
-          ev = evaluate(eval_step, state.params, task.eval_batches)
+          ev = evaluate(eval_step, state.params, eval_batches)
           ev['eval/perplexity'] = float(np.exp(ev['eval/loss']))
           last.update(ev)
           if is_main:

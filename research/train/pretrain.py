@@ -5,6 +5,7 @@ import os
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -16,6 +17,7 @@ from research import perf
 from research import tokenizers
 from research.data import lm, sources
 from research.errors import UserError
+from research.nn import moe
 from research.nn.transformer import DecoderLM
 from research.train import loop
 
@@ -46,7 +48,18 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str):
-  """(tokenizer, train token ids, val token ids), cached in the workdir after the first run."""
+  """(tokenizer, train token ids, val token ids), cached in the workdir after the first run.
+
+  With several processes, process 0 writes the caches while the others wait, then read them.
+  """
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      _prepare_data(config, workdir)
+    multihost_utils.sync_global_devices('prepare_data')
+  return _prepare_data(config, workdir)
+
+
+def _prepare_data(config: ml_collections.ConfigDict, workdir: str):
   split = {}
 
   def texts(name):
@@ -70,10 +83,11 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens:
   micro_batch = t.batch_size // t.grad_accum_steps
 
   def loss_fn(params, batch, key):
-    logits, _ = model.apply({'params': params}, batch['inputs'], deterministic=False,
-                            rngs={'dropout': key})
+    (logits, _), state = model.apply({'params': params}, batch['inputs'], deterministic=False,
+                                     rngs={'dropout': key}, mutable=['intermediates'])
     loss, accuracy = lm_loss(logits, batch['targets'])
-    return loss, {'accuracy': accuracy}
+    aux_loss, moe_metrics = moe.collect_losses(state.get('intermediates', {}))
+    return loss + aux_loss, {'accuracy': accuracy, **moe_metrics}
 
   def eval_fn(params, batch):
     logits, _ = model.apply({'params': params}, batch['inputs'])
@@ -84,8 +98,8 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens:
       init_params=lambda key: model.init(key, jnp.zeros((1, t.seq_len), jnp.int32))['params'],
       loss_fn=loss_fn,
       eval_fn=eval_fn,
-      train_batch=lambda step, micro: lm.lm_batch(train_tokens, micro_batch, t.seq_len,
-                                                  config.seed, step, micro),
+      train_batch=lambda step, micro, rows: lm.lm_batch(train_tokens, micro_batch, t.seq_len,
+                                                        config.seed, step, micro, rows),
       eval_batches=lm.eval_batches(val_tokens, t.eval_batches, micro_batch, t.seq_len),
       tokens_per_step=t.batch_size * t.seq_len,
       flops_per_token=lambda params: perf.train_flops_per_token(
@@ -101,7 +115,8 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 
 def write_sample(config: ml_collections.ConfigDict, workdir: str, model: DecoderLM, params,
                  tok: tokenizers.Tokenizer) -> str:
-  """Generates from config.sampling.prompt and writes prompt + continuation to samples.txt."""
+  """Generates from config.sampling.prompt; process 0 writes prompt + continuation to
+  samples.txt."""
   s = config.sampling
   ids = [tok.bos_id] + tok.encode(s.prompt)
   new = min(s.max_new_tokens, config.model.max_len - len(ids))
@@ -110,9 +125,10 @@ def write_sample(config: ml_collections.ConfigDict, workdir: str, model: Decoder
                         max_new_tokens=new, temperature=s.temperature, top_k=s.top_k,
                         top_p=s.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id)
   text = s.prompt + tok.decode(np.asarray(out[0]))
-  with open(os.path.join(workdir, 'samples.txt'), 'w') as f:
-    f.write(f'# prompt: {s.prompt!r}, temperature {s.temperature}, top_k {s.top_k}, '
-            f'top_p {s.top_p}\n{text}\n')
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'samples.txt'), 'w') as f:
+      f.write(f'# prompt: {s.prompt!r}, temperature {s.temperature}, top_k {s.top_k}, '
+              f'top_p {s.top_p}\n{text}\n')
   return text
 
 
@@ -128,8 +144,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     json.dump({'train_tokens': len(train_tokens), 'val_tokens': len(val_tokens),
                'val_unigram_entropy': entropy, 'vocab_size': tok.vocab_size}, f)
   result = loop.run(config, workdir, make_task(config, model, train_tokens, val_tokens))
-  if result.finished and jax.process_index() == 0:
-    print('sample:\n' + write_sample(config, workdir, model, result.params, tok), flush=True)
+  if result.finished:  # Every process takes part in the (SPMD) sampling; process 0 writes.
+    text = write_sample(config, workdir, model, result.params, tok)
+    if jax.process_index() == 0:
+      print('sample:\n' + text, flush=True)
   return result
 
 

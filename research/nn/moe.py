@@ -1,0 +1,178 @@
+"""Mixture-of-Experts feed-forward: a noisy top-k router, capacity-limited experts, balancing losses.
+
+Noisy top-k gating and the importance and load losses follow Shazeer et al. 2017; dispatch and
+combine tensors with a per-expert capacity follow GShard (Lepikhin et al. 2020); the aux loss
+follows the Switch Transformer (Fedus et al. 2021) and the router z-loss ST-MoE (Zoph et al. 2022).
+
+Letters in tensor names: G groups (the batch rows), S tokens per group (the sequence), E experts,
+C capacity (slots per expert and group), K experts per token, D d_model.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from research.nn.config import ModelConfig
+from research.nn.ffn import FeedForward
+
+NOISE_EPSILON = 1e-2  # Floor of the gate noise's standard deviation (Shazeer et al. 2017).
+# Each balancing loss and the ModelConfig field that weighs it in the training loss.
+LOSS_WEIGHTS = {'importance_loss': 'moe_importance_weight', 'load_loss': 'moe_load_weight',
+                'switch_loss': 'moe_switch_weight', 'z_loss': 'moe_z_weight'}
+
+
+def top_k_gates(logits_GxSxE: jnp.ndarray, k: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Softmax(KeepTopK(logits, k)): (gates, routed), both float32 [G, S, E].
+
+  gates are the softmax over each token's k largest logits and 0 elsewhere; routed is 1 on those
+  k experts and 0 elsewhere.
+  """
+  top_GxSxK, expert_GxSxK = jax.lax.top_k(logits_GxSxE.astype(jnp.float32), k)
+  onehot_GxSxKxE = jax.nn.one_hot(expert_GxSxK, logits_GxSxE.shape[-1], dtype=jnp.float32)
+  gates_GxSxE = jnp.einsum('gsk,gske->gse', jax.nn.softmax(top_GxSxK, axis=-1), onehot_GxSxKxE)
+  return gates_GxSxE, onehot_GxSxKxE.sum(axis=2)
+
+
+def load_probability(clean_GxSxE: jnp.ndarray, noisy_GxSxE: jnp.ndarray, noise_std_GxSxE:
+                     jnp.ndarray, routed_GxSxE: jnp.ndarray, k: int) -> jnp.ndarray:
+  """P(x, i): the probability that expert i stays in the top k if only its own noise is redrawn.
+
+  P = Phi((clean_i - kth_excluding(noisy, k, i)) / noise_std_i), where the k-th largest noisy
+  logit excluding i is the (k+1)-th largest overall for a routed expert and the k-th otherwise.
+  Smooth in the router weights, unlike a count of routed tokens. All [G, S, E], float32.
+  """
+  num_experts = noisy_GxSxE.shape[-1]
+  top_GxSxK = jax.lax.top_k(noisy_GxSxE, min(k + 1, num_experts))[0]
+  kth_GxSx1 = top_GxSxK[..., k - 1:k]
+  if k < num_experts:
+    next_GxSx1 = top_GxSxK[..., k:k + 1]
+  else:  # Every expert is routed: none can drop out of the top k.
+    next_GxSx1 = jnp.full_like(kth_GxSx1, -jnp.inf)
+  threshold_GxSxE = jnp.where(routed_GxSxE > 0, next_GxSx1, kth_GxSx1)
+  return jax.scipy.stats.norm.cdf((clean_GxSxE - threshold_GxSxE) / noise_std_GxSxE)
+
+
+def cv_squared(x_E: jnp.ndarray) -> jnp.ndarray:
+  """Squared coefficient of variation, var / mean^2: 0 when all entries are equal."""
+  return jnp.var(x_E) / (jnp.mean(x_E) ** 2 + 1e-10)
+
+
+def balance_losses(logits_GxSxE: jnp.ndarray, gates_GxSxE: jnp.ndarray, routed_GxSxE: jnp.ndarray,
+                   token_mask_GxS: jnp.ndarray, load_GxSxE: jnp.ndarray | None = None
+                   ) -> dict[str, jnp.ndarray]:
+  """The balancing losses over the tokens with token_mask 1 (padding excluded), float32 scalars.
+
+  importance: CV(sum_x G(x))^2. load: CV(sum_x P(x, i))^2 from `load_probability` (only when it is
+  given). switch: E * sum_i f_i p_i, f_i the fraction of routed (token, expert) pairs and p_i the
+  mean router probability of expert i; 1 when balanced. z: mean logsumexp(logits)^2.
+  """
+  mask_GxS = token_mask_GxS.astype(jnp.float32)
+  tokens = jnp.maximum(mask_GxS.sum(), 1.0)
+  masked_sum = lambda t_GxSxE: jnp.einsum('gse,gs->e', t_GxSxE, mask_GxS)
+  routed_E = masked_sum(routed_GxSxE)
+  probs_E = masked_sum(jax.nn.softmax(logits_GxSxE, axis=-1)) / tokens
+  lse_GxS = jax.nn.logsumexp(logits_GxSxE, axis=-1)
+  losses = {
+      'importance_loss': cv_squared(masked_sum(gates_GxSxE)),
+      'switch_loss': logits_GxSxE.shape[-1] * jnp.sum(
+          routed_E / jnp.maximum(routed_E.sum(), 1.0) * probs_E),
+      'z_loss': (lse_GxS ** 2 * mask_GxS).sum() / tokens,
+  }
+  if load_GxSxE is not None:
+    losses['load_loss'] = cv_squared(masked_sum(load_GxSxE))
+  return losses
+
+
+def capacity(cfg: ModelConfig, group_size: int) -> int:
+  """Slots per expert and group: capacity_factor * top_k * group_size / num_experts, rounded up;
+  group_size (nothing dropped) when capacity_factor <= 0."""
+  if cfg.moe_capacity_factor <= 0:
+    return group_size
+  slots = math.ceil(cfg.moe_capacity_factor * cfg.moe_top_k * group_size / cfg.num_experts)
+  return min(group_size, slots)
+
+
+def dispatch_and_combine(gates_GxSxE: jnp.ndarray, routed_GxSxE: jnp.ndarray, num_slots: int
+                         ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(dispatch, combine) [G, S, E, C] for C = num_slots: token s fills the next free slot of each
+  of its experts in sequence order, so an overfull expert drops its later tokens (and a token's
+  routing never depends on later tokens). dispatch is 0/1, combine holds the gates."""
+  slot_GxSxE = jnp.cumsum(routed_GxSxE, axis=1).astype(jnp.int32) - 1
+  kept_GxSxE = routed_GxSxE * (slot_GxSxE < num_slots)
+  dispatch_GxSxExC = kept_GxSxE[..., None] * jax.nn.one_hot(slot_GxSxE, num_slots)
+  return dispatch_GxSxExC, dispatch_GxSxExC * gates_GxSxE[..., None]
+
+
+class MoE(nn.Module):
+  """x [batch, seq, d_model] -> [batch, seq, d_model]: each token through its top-k experts.
+
+  Experts are `FeedForward`s of cfg.ffn and cfg.ffn_dim with params stacked on a leading expert
+  axis ([num_experts, d_model, ffn_dim] ...), so that axis can be sharded. A token dropped by an
+  expert gets nothing from it (its residual passes unchanged). The balancing losses and routing
+  metrics are sown into 'intermediates' (read them with `collect_losses`). Gate noise is drawn
+  from the 'dropout' rng when not `deterministic`.
+  """
+  cfg: ModelConfig
+  out_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x_GxSxD: jnp.ndarray, token_mask_GxS: jnp.ndarray,
+               deterministic: bool = True) -> jnp.ndarray:
+    """token_mask: [batch, seq], 0 for padding (never routed, excluded from the losses)."""
+    cfg = self.cfg
+    d_model, num_experts = x_GxSxD.shape[-1], cfg.num_experts
+    x32_GxSxD = x_GxSxD.astype(jnp.float32)
+    w_gate = self.param('w_gate', nn.initializers.zeros, (d_model, num_experts))
+    logits_GxSxE = x32_GxSxD @ w_gate
+    load_GxSxE = None
+    if cfg.moe_noisy:
+      w_noise = self.param('w_noise', nn.initializers.zeros, (d_model, num_experts))
+      noise_std_GxSxE = nn.softplus(x32_GxSxD @ w_noise) + NOISE_EPSILON
+      clean_GxSxE = logits_GxSxE
+      if not deterministic:
+        normal_GxSxE = jax.random.normal(self.make_rng('dropout'), clean_GxSxE.shape)
+        logits_GxSxE = clean_GxSxE + normal_GxSxE * noise_std_GxSxE
+    gates_GxSxE, routed_GxSxE = top_k_gates(logits_GxSxE, cfg.moe_top_k)
+    if cfg.moe_noisy:
+      load_GxSxE = load_probability(clean_GxSxE, logits_GxSxE, noise_std_GxSxE, routed_GxSxE,
+                                    cfg.moe_top_k)
+    routed_GxSxE *= token_mask_GxS[..., None]
+    dispatch_GxSxExC, combine_GxSxExC = dispatch_and_combine(
+        gates_GxSxE, routed_GxSxE, capacity(cfg, x_GxSxD.shape[1]))
+
+    experts = nn.vmap(FeedForward, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=0, out_axes=0, axis_size=num_experts)
+    x_ExGxCxD = jnp.einsum('gsec,gsd->egcd', dispatch_GxSxExC.astype(cfg.dtype),
+                           x_GxSxD.astype(cfg.dtype))
+    y_ExGxCxD = experts(cfg, self.out_scale, name='experts')(x_ExGxCxD)
+    y_GxSxD = jnp.einsum('gsec,egcd->gsd', combine_GxSxExC.astype(cfg.dtype), y_ExGxCxD)
+
+    losses = balance_losses(logits_GxSxE, gates_GxSxE, routed_GxSxE, token_mask_GxS, load_GxSxE)
+    routed_E = routed_GxSxE.sum(axis=(0, 1))
+    total = jnp.maximum(routed_E.sum(), 1.0)
+    self.sow('intermediates', 'moe_metrics', {
+        **losses,
+        'aux_loss': sum(getattr(cfg, LOSS_WEIGHTS[name]) * loss for name, loss in losses.items()),
+        'expert_frac_max': routed_E.max() / total,
+        'expert_frac_min': routed_E.min() / total,
+        'dropped_frac': 1.0 - dispatch_GxSxExC.sum() / total,
+    })
+    return y_GxSxD.astype(x_GxSxD.dtype)
+
+
+def collect_losses(intermediates: dict) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """(sum of every MoE layer's weighted aux loss, metrics named '<module path>/<metric>').
+
+  intermediates: the 'intermediates' collection of an apply with mutable=['intermediates'];
+  (0.0, {}) for a dense model.
+  """
+  aux_loss, metrics = jnp.zeros((), jnp.float32), {}
+  for path, (layer_metrics,) in traverse_util.flatten_dict(intermediates).items():
+    if path[-1] != 'moe_metrics':
+      continue
+    aux_loss += layer_metrics['aux_loss']
+    metrics.update({'/'.join(path[:-1] + (name,)): value for name, value in layer_metrics.items()})
+  return aux_loss, metrics

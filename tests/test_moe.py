@@ -1,0 +1,256 @@
+"""Mixture-of-Experts: gating, the slow reference, balancing losses, capacity, padding, training."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import config as config_lib
+from research.errors import UserError
+from research.nn import moe
+from research.nn.attention import attention_mask
+from research.nn.config import ModelConfig
+from research.nn.ffn import FeedForward
+from research.nn.transformer import Block, DecoderLM
+from research.train import pretrain
+from tests.conftest import tiny_config
+
+G, S, D, E = 2, 8, 8, 4
+CFG = ModelConfig(vocab_size=1, num_heads=2, d_model=D, ffn_multiplier=2.0, ffn='swiglu',
+                  num_experts=E, moe_capacity_factor=0.0)
+
+
+@pytest.fixture(scope='module')
+def params() -> dict:
+  """CFG's MoE params with random (non-zero) router weights, so routing differs between tokens."""
+  x = jnp.zeros((1, S, D))
+  params = jax.jit(moe.MoE(CFG).init)(jax.random.key(0), x, jnp.ones((1, S), bool))['params']
+  for i, name in enumerate(('w_gate', 'w_noise')):
+    params[name] = 0.5 * jax.random.normal(jax.random.key(i + 1), (D, E))
+  return params
+
+
+@pytest.fixture(scope='module')
+def run_moe():
+  """run_moe(params, x, mask, deterministic, key, cfg) -> (y, metrics) of the MoE, jitted once per
+  (input shape, deterministic, cfg)."""
+  def apply(params, x, mask, deterministic, key, cfg):
+    y, state = moe.MoE(cfg).apply({'params': params}, x, mask, deterministic,
+                                  rngs={'dropout': key}, mutable=['intermediates'])
+    return y, moe.collect_losses(state['intermediates'])[1]
+  jitted = jax.jit(apply, static_argnums=(3, 5))
+  return lambda params, x, mask, deterministic=True, key=jax.random.key(0), cfg=CFG: jitted(
+      params, x, mask, deterministic, key, cfg)
+
+
+def inputs(seq: int = S):
+  return jax.random.normal(jax.random.key(100), (G, seq, D)), jnp.ones((G, seq), bool)
+
+
+@pytest.mark.parametrize('k', [1, 2, 3])
+def test_gates_are_a_softmax_over_the_top_k_logits(k):
+  logits = np.asarray(jax.random.normal(jax.random.key(k), (G, S, E)))
+  gates, routed = map(np.asarray, jax.jit(moe.top_k_gates, static_argnums=1)(logits, k))
+  top = np.argsort(-logits, axis=-1)[..., :k]
+  expected = np.zeros_like(logits)
+  top_logits = np.take_along_axis(logits, top, -1)
+  weights = np.exp(top_logits - top_logits.max(-1, keepdims=True))
+  np.put_along_axis(expected, top, weights / weights.sum(-1, keepdims=True), -1)
+  np.testing.assert_allclose(gates, expected, rtol=1e-6, atol=1e-7)
+  assert ((gates > 0).sum(-1) == k).all() and (routed.sum(-1) == k).all()
+  np.testing.assert_allclose(gates.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_output_equals_a_slow_loop_over_experts(run_moe, params):
+  """No capacity limit, noise off: y = sum over experts e of gate_e * expert_e(x), with the gates
+  a softmax over each token's top-k logits (computed here in numpy)."""
+  x, mask = inputs()
+  mask = mask.at[1, -3:].set(False)  # Padding gets no expert output.
+  y, metrics = run_moe(params, x, mask)
+  logits = np.asarray(x @ params['w_gate'])
+  top = np.argsort(-logits, axis=-1)[..., :CFG.moe_top_k]
+  top_logits = np.take_along_axis(logits, top, -1)
+  gates = np.zeros_like(logits)
+  np.put_along_axis(gates, top, np.exp(top_logits) / np.exp(top_logits).sum(-1, keepdims=True), -1)
+  gates *= np.asarray(mask)[..., None]
+  expert_fn = jax.jit(lambda p, x: FeedForward(CFG).apply({'params': p}, x))
+  expected = np.zeros((G, S, D), np.float32)
+  for e in range(E):
+    expert = jax.tree.map(lambda p, e=e: p[e], params['experts'])
+    expected += gates[..., e:e + 1] * np.asarray(expert_fn(expert, x))
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-6)
+  assert metrics['dropped_frac'] == 0.0
+
+
+def test_load_loss_has_gradient_wrt_both_router_weights(params):
+  """The smooth load estimate (not a count of routed tokens) trains W_g and W_noise."""
+  x, mask = inputs()
+
+  def load_loss(router):
+    _, state = moe.MoE(CFG).apply({'params': {**params, **router}}, x, mask, False,
+                                  rngs={'dropout': jax.random.key(3)}, mutable=['intermediates'])
+    return moe.collect_losses(state['intermediates'])[1]['load_loss']
+
+  grads = jax.jit(jax.grad(load_loss))({k: params[k] for k in ('w_gate', 'w_noise')})
+  assert float(jnp.abs(grads['w_gate']).max()) > 1e-4
+  assert float(jnp.abs(grads['w_noise']).max()) > 1e-4
+
+
+def test_balancing_losses_are_minimal_for_uniform_routing():
+  """Token s ranks the experts shifted by s: every expert gets each rank equally often."""
+  ranks = jnp.arange(E, 0, -1, dtype=jnp.float32)
+  uniform = jnp.broadcast_to(jnp.stack([jnp.roll(ranks, s) for s in range(S)]), (G, S, E))
+  skewed = jnp.broadcast_to(ranks, (G, S, E))  # Every token prefers expert 0.
+  mask = jnp.ones((G, S))
+
+  @jax.jit
+  def losses(logits):
+    gates, routed = moe.top_k_gates(logits, 2)
+    load = moe.load_probability(logits, logits, jnp.ones_like(logits), routed, 2)
+    return moe.balance_losses(logits, gates, routed, mask, load)
+
+  balanced, unbalanced = losses(uniform), losses(skewed)
+  for name in ('importance_loss', 'load_loss'):
+    assert float(balanced[name]) == pytest.approx(0.0, abs=1e-6)
+    assert float(unbalanced[name]) > 0.1
+  assert float(balanced['switch_loss']) == pytest.approx(1.0, abs=1e-6)
+  assert float(unbalanced['switch_loss']) > 1.1
+  lse = jax.nn.logsumexp(uniform, axis=-1)
+  assert float(balanced['z_loss']) == pytest.approx(float(jnp.mean(lse ** 2)), rel=1e-6)
+
+
+def test_capacity_drops_the_later_tokens_and_keeps_their_residual(run_moe, params):
+  """Zero router, noise off: every token picks experts 0 and 1 (ties go to the lower index); with
+  capacity 0.5 * 2 * 8 / 4 = 2 slots, tokens 2.. are dropped: they get exactly 0 from the MoE, so
+  the block's residual x + 0 passes them on unchanged. Tokens 0 and 1 are served in full."""
+  capped = dataclasses.replace(CFG, moe_capacity_factor=0.5)
+  zero_router = {**params, 'w_gate': jnp.zeros_like(params['w_gate'])}
+  x, mask = inputs()
+  y, metrics = run_moe(zero_router, x, mask, cfg=capped)
+  y_unlimited, _ = run_moe(zero_router, x, mask)
+  y, y_unlimited = np.asarray(y), np.asarray(y_unlimited)
+  assert not y[:, 2:].any() and y_unlimited[:, 2:].any()
+  np.testing.assert_allclose(y[:, :2], y_unlimited[:, :2], rtol=1e-6, atol=1e-9)
+  assert float(metrics['dropped_frac']) == 0.75
+  assert float(metrics['expert_frac_max']) == 0.5 and float(metrics['expert_frac_min']) == 0.0
+
+
+def test_padding_does_not_change_the_losses(run_moe, params):
+  x, mask = inputs()
+  pad = jax.random.normal(jax.random.key(6), (G, 4, D)) * 5  # Garbage in the padded slots.
+  x_padded = jnp.concatenate([pad[:, :2], x, pad[:, 2:]], axis=1)
+  mask_padded = jnp.concatenate([jnp.zeros((G, 2), bool), mask, jnp.zeros((G, 2), bool)], 1)
+  y, metrics = run_moe(params, x, mask)
+  y_padded, metrics_padded = run_moe(params, x_padded, mask_padded)
+  for name, value in metrics.items():
+    assert float(metrics_padded[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-7), name
+  np.testing.assert_allclose(np.asarray(y_padded[:, 2:-2]), np.asarray(y), rtol=1e-5, atol=1e-6)
+  assert not np.asarray(y_padded[:, :2]).any() and not np.asarray(y_padded[:, -2:]).any()
+
+
+def test_noise_is_on_in_training_and_off_in_eval(run_moe, params):
+  x, mask = inputs()
+  evals = [run_moe(params, x, mask, True, jax.random.key(i))[0] for i in range(2)]
+  trains = [run_moe(params, x, mask, False, jax.random.key(i))[0] for i in range(2)]
+  np.testing.assert_array_equal(np.asarray(evals[0]), np.asarray(evals[1]))
+  assert np.abs(np.asarray(trains[0] - trains[1])).max() > 0.1 * np.abs(np.asarray(evals[0])).max()
+
+
+def test_moe_every_n_places_moe_blocks():
+  cfg = ModelConfig(vocab_size=37, num_layers=4, num_heads=2, d_model=16, moe_every=2,
+                    num_experts=4)
+  shapes = jax.eval_shape(DecoderLM(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  blocks = [sorted(shapes['params'][f'block_{i}']) for i in range(4)]
+  assert ['ffn' in b for b in blocks] == [True, False, True, False]
+  assert ['moe' in b for b in blocks] == [False, True, False, True]
+  assert shapes['params']['block_1']['moe']['experts']['wi']['kernel'].shape == (4, 16, 64)
+
+
+@pytest.mark.parametrize('kw, words', [
+    (dict(moe_every=3), 'moe_every'),
+    (dict(moe_top_k=5), 'moe_top_k'),
+    (dict(moe_noisy=False), 'moe_noisy'),
+    (dict(moe_z_weight=-1.0), 'moe_z_weight'),
+])
+def test_impossible_moe_configs(kw, words):
+  with pytest.raises(UserError, match=words):
+    ModelConfig(vocab_size=8, num_layers=2, num_heads=2, d_model=8, num_experts=4, **kw)
+
+
+def check_aux_losses(config, metrics: dict, prefix: str = '') -> None:
+  """Each MoE layer's aux_loss is the config-weighted sum of its losses, and every expert got
+  between 1/(4M) and 4/M of the tokens."""
+  m = config.model.num_experts
+  for i in range(config.model.num_layers):
+    if (i + 1) % config.model.moe_every:
+      continue
+    layer = f'{prefix}block_{i}/moe/'
+    weighted = sum(config.model[key] * metrics[layer + name]
+                   for name, key in moe.LOSS_WEIGHTS.items())
+    assert float(metrics[layer + 'aux_loss']) == pytest.approx(float(weighted), rel=1e-5)
+    assert 1 / (4 * m) <= metrics[layer + 'expert_frac_min'] <= metrics[layer + 'expert_frac_max']
+    assert metrics[layer + 'expert_frac_max'] <= 4 / m
+
+
+@pytest.fixture(scope='module')
+def moe_lm(tiny_corpus):
+  """(config, model, task, params): pretrain_moe_small's MoE settings on conftest's tiny model,
+  with a random router so that tokens spread over the experts."""
+  from experiments import pretrain_moe_small  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tiny_corpus)
+  config.model.update({k: v for k, v in pretrain_moe_small.get_config().model.items()
+                       if k.startswith('moe_') or k in ('num_experts', 'ffn_multiplier')})
+  model = DecoderLM(config_lib.model_config(config, vocab_size=11))
+  tokens = np.random.default_rng(0).integers(0, 11, 1000).astype(np.uint16)
+  task = pretrain.make_task(config, model, tokens, tokens)
+  params = jax.jit(task.init_params)(jax.random.key(0))
+  params['block_0']['moe']['w_gate'] = jax.random.normal(jax.random.key(9),
+                                                         params['block_0']['moe']['w_gate'].shape)
+  return config, model, task, params
+
+
+def test_pretrain_loss_adds_the_weighted_aux_losses(moe_lm):
+  config, model, task, params = moe_lm
+  batch = task.eval_batches[0]
+
+  @jax.jit
+  def losses(params, key):
+    loss, metrics = task.loss_fn(params, batch, key)
+    logits, _ = model.apply({'params': params}, batch['inputs'], deterministic=False,
+                            rngs={'dropout': key})
+    return loss, metrics, pretrain.lm_loss(logits, batch['targets'])[0]
+
+  loss, metrics, lm_loss = losses(params, jax.random.key(1))
+  check_aux_losses(config, metrics)
+  assert float(metrics['block_0/moe/aux_loss']) > 0
+  assert float(loss) == pytest.approx(float(lm_loss + metrics['block_0/moe/aux_loss']), rel=1e-6)
+
+
+def test_moe_lm_stays_causal_when_dropping_tokens(moe_lm):
+  """Tokens are dropped in sequence order, so a change at position t never reaches logits < t."""
+  _, model, task, params = moe_lm
+  tokens = jnp.asarray(task.eval_batches[0]['inputs'])
+
+  @jax.jit
+  def apply(tokens):
+    (logits, _), state = model.apply({'params': params}, tokens, mutable=['intermediates'])
+    return logits, moe.collect_losses(state['intermediates'])[1]['block_0/moe/dropped_frac']
+
+  (logits, dropped), t = apply(tokens), 9
+  changed, _ = apply(tokens.at[:, t].set((tokens[:, t] + 1) % 11))
+  diff = np.abs(np.asarray(changed - logits)).max(axis=(0, 2))
+  assert float(dropped) > 0
+  assert (diff[:t] == 0).all() and (diff[t:] > 0).all()
+
+
+@pytest.mark.slow
+def test_pretrain_moe_small_trains_with_balanced_load(tmp_path):
+  """The experiment as its docstring runs it (minutes on 2 cores): every expert of every layer
+  gets between 1/(4M) and 4/M of the tokens at the end."""
+  from experiments import pretrain_moe_small  # pylint: disable=g-import-not-at-top
+  config = pretrain_moe_small.get_config()
+  result = pretrain.train_and_evaluate(config, str(tmp_path))
+  check_aux_losses(config, result.metrics, prefix='train/')
+  assert result.metrics['eval/loss'] < 2.0
