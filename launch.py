@@ -20,6 +20,11 @@ flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go 
                     '(default runs/NAME).')
 flags.DEFINE_enum('mode', 'train', ['train', 'generate', 'tokenize'], 'What to do.')
 flags.DEFINE_string('prompt', None, 'Prompt for --mode=generate.')
+flags.DEFINE_bool('multihost', False, 'Join JAX\'s multi-controller runtime (one process per '
+                  'host): cluster settings are detected (TPU, SLURM, MPI) or given below.')
+flags.DEFINE_string('coordinator_address', '', 'host:port of process 0 (with --multihost).')
+flags.DEFINE_integer('num_processes', 0, 'Number of processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', -1, 'This process\'s index (with --coordinator_address).')
 config_flags.DEFINE_config_file('config', None, 'Set by --experiment; override keys with '
                                 '--config.section.key=value.', lock_config=True)
 FLAGS = flags.FLAGS
@@ -64,16 +69,22 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   del argv
   # Imported here so that flag errors come back fast, before jax loads.
+  import jax  # pylint: disable=g-import-not-at-top
   from research import config as config_lib  # pylint: disable=g-import-not-at-top
+  from research import parallel  # pylint: disable=g-import-not-at-top
   from research.errors import UserError  # pylint: disable=g-import-not-at-top
   from research.train import pretrain  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join('runs', FLAGS.experiment)
+  if FLAGS.multihost:
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
   try:
     config_lib.validate(config)
     if FLAGS.mode == 'train':
-      config_lib.save_to_workdir(config, workdir)
+      if jax.process_index() == 0:
+        config_lib.save_to_workdir(config, workdir)
       pretrain.train_and_evaluate(config, workdir)
     elif FLAGS.mode == 'tokenize':
       print(pretrain.tokenizer_report(config, workdir))
