@@ -21,7 +21,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
 import numpy as np
 
 from research import config as config_lib
@@ -85,7 +84,7 @@ def main() -> None:
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--json', action='store_true', help='print one JSON object per workload')
   args = parser.parse_args()
-  peak, source = perf.device_peak_flops()
+  peak, source = perf.peak_flops()
   rows = []
   for name in args.workloads.split(','):
     config, vocab = workload(name)

@@ -52,11 +52,13 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   return 2.0 * n**3 / float(np.median(times))
 
 
-def device_peak_flops() -> tuple[float, str]:
-  """(peak FLOP/s per device, where it came from): the data-sheet bf16 peak for known
-  accelerators, else a measured float32 matmul."""
+def peak_flops() -> tuple[float, str]:
+  """(peak FLOP/s of all devices together, where it came from): the data-sheet bf16 peak per
+  chip times the device count for known accelerators; on CPU a measured float32 matmul (the
+  emulated CPU devices share the same cores, so it is not multiplied)."""
   kind = jax.devices()[0].device_kind
   for name, peak in KNOWN_PEAKS:
     if name in kind:
-      return peak, f'{kind} bf16 data sheet'
-  return measure_matmul_peak(), f'{kind} measured fp32 matmul'
+      n = jax.device_count()
+      return peak * n, f'{n} x {kind}, bf16 data sheet'
+  return measure_matmul_peak(), f'{kind}, measured fp32 matmul'

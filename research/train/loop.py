@@ -167,7 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   eval_batches = [parallel.to_global({k: v[rows] for k, v in b.items()}, batch_sharding)
                   for b in task.eval_batches]
   flops_per_token = task.flops_per_token(state.params)
-  peak, peak_source = perf.device_peak_flops()
+  peak, peak_source = perf.peak_flops()
   if is_main:
     print(f'params {perf.param_count(state.params):,} | {flops_per_token / 1e6:.1f} MFLOP/token '
           f'| peak {peak / 1e9:.0f} GFLOP/s ({peak_source}) | compiled in {compile_sec:.1f}s',
@@ -206,6 +206,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
           tokens_per_sec = steps_in_interval * task.tokens_per_step / elapsed
           last = {f'train/{k}': float(np.mean([h[k] for h in history])) for k in history[0]}
           last.update({'train/tokens_per_sec': tokens_per_sec,
+                     'train/tokens_per_sec_per_device': tokens_per_sec / jax.device_count(),
                        'train/mfu': tokens_per_sec * flops_per_token / peak,
                        'train/data_wait_frac': data_sec / elapsed,
                        'train/learning_rate': float(schedule(done))})
