@@ -18,7 +18,9 @@ EXPERIMENTS = pathlib.Path(__file__).resolve().parent / 'experiments'
 flags.DEFINE_string('experiment', None, 'Experiment name: a file experiments/NAME.py.')
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go '
                     '(default runs/NAME).')
-flags.DEFINE_enum('mode', 'train', ['train', 'generate', 'tokenize'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'generate', 'chat', 'tokenize'],
+                  'train (or resume); generate from --prompt or chat (reads stdin lines) with the '
+                  'latest checkpoint; tokenize: a tokenizer report on the val split.')
 flags.DEFINE_string('prompt', None, 'Prompt for --mode=generate.')
 flags.DEFINE_bool('multihost', False, 'Join JAX\'s multi-controller runtime (one process per '
                   'host): cluster settings are detected (TPU, SLURM, MPI) or given below.')
@@ -71,6 +73,7 @@ def main(argv: list[str]) -> None:
   # Imported here so that flag errors come back fast, before jax loads.
   import jax  # pylint: disable=g-import-not-at-top
   from research import config as config_lib  # pylint: disable=g-import-not-at-top
+  from research import generate  # pylint: disable=g-import-not-at-top
   from research import parallel  # pylint: disable=g-import-not-at-top
   from research.errors import UserError  # pylint: disable=g-import-not-at-top
   from research.train import pretrain  # pylint: disable=g-import-not-at-top
@@ -86,6 +89,10 @@ def main(argv: list[str]) -> None:
       if jax.process_index() == 0:
         config_lib.save_to_workdir(config, workdir)
       pretrain.train_and_evaluate(config, workdir)
+    elif FLAGS.mode == 'generate':
+      generate.generate_main(workdir, FLAGS.prompt, config.sampling, seed=config.seed)
+    elif FLAGS.mode == 'chat':
+      generate.chat_main(workdir, config.sampling, sys.stdin, sys.stdout, seed=config.seed)
     elif FLAGS.mode == 'tokenize':
       print(pretrain.tokenizer_report(config, workdir))
   except UserError as e:
