@@ -146,3 +146,13 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_corpus, tmp_path):
   saved = os.listdir(os.path.join(workdir, 'checkpoints'))
   assert len(saved) == 1 and int(saved[0]) >= 3, out
   assert 'rerun the same command to resume' in out
+
+
+@pytest.mark.parametrize('kind', ['char', 'word', 'byte', 'sentencepiece'])
+def test_pretrain_runs_with_each_tokenizer(kind, tiny_corpus, tmp_path):
+  config = tiny_config(tiny_corpus, steps=2, eval_every=2, checkpoint_every=2)
+  config.tokenizer.update(kind=kind, vocab_size=300)  # sentencepiece: 291 <= vocab <= 317 here
+  result = pretrain.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(result.metrics['eval/loss'])
+  with open(os.path.join(tmp_path, 'tokenizer', 'tokenizer.json')) as f:
+    assert json.load(f)['kind'] == kind
