@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
   if jax.process_index() == 0:
     config_lib.save_to_workdir(config, workdir)
   result = pretrain.train_and_evaluate(config, workdir)
-  kernel = result.params['block_0']['ffn']['wi']['kernel']
+  block = result.params['block_0']
+  kernel = (block['moe']['experts'] if 'moe' in block else block['ffn'])['wi']['kernel']
   losses = {r['step']: r['train/loss'] for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
             if 'train/loss' in r}
   print(json.dumps({

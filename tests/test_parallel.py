@@ -60,6 +60,18 @@ def test_losses_match_one_device(mesh, single, tiny_corpus, tmp_path):
   assert max_diff(sharded, single[0]) < 1e-4
 
 
+MOE = {'moe_every': 1, 'num_experts': 4, 'moe_top_k': 2}
+
+
+def test_expert_parallel_matches_one_device(tiny_corpus, tmp_path):
+  single = run_worker('train', tiny_corpus, str(tmp_path / 'one'), json.dumps({'model': MOE}))
+  sharded = run_worker('train', tiny_corpus, str(tmp_path / 'eight'),
+                       json.dumps({'data': 2, 'expert': 4, 'model': MOE}), devices=8)
+  assert max_diff(sharded, single) < 1e-4
+  assert sharded['ffn_spec'].startswith("P('expert'")
+  assert sharded['ffn_bytes_per_device'] * 4 == sharded['ffn_bytes']
+
+
 def test_fsdp_matches_and_shards_parameters(fsdp, single):
   result, _ = fsdp
   assert max_diff(result, single[0]) < 1e-4
