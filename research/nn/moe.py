@@ -1,4 +1,4 @@
-"""Mixture-of-Experts feed-forward: a noisy top-k router, capacity-limited experts, balancing losses.
+"""Mixture-of-Experts feed-forward: noisy top-k router, capacity-limited experts, balancing losses.
 
 Noisy top-k gating and the importance and load losses follow Shazeer et al. 2017; dispatch and
 combine tensors with a per-expert capacity follow GShard (Lepikhin et al. 2020); the aux loss
@@ -44,14 +44,11 @@ def load_probability(clean_GxSxE: jnp.ndarray, noisy_GxSxE: jnp.ndarray, noise_s
   logit excluding i is the (k+1)-th largest overall for a routed expert and the k-th otherwise.
   Smooth in the router weights, unlike a count of routed tokens. All [G, S, E], float32.
   """
-  num_experts = noisy_GxSxE.shape[-1]
-  top_GxSxK = jax.lax.top_k(noisy_GxSxE, min(k + 1, num_experts))[0]
-  kth_GxSx1 = top_GxSxK[..., k - 1:k]
-  if k < num_experts:
-    next_GxSx1 = top_GxSxK[..., k:k + 1]
-  else:  # Every expert is routed: none can drop out of the top k.
-    next_GxSx1 = jnp.full_like(kth_GxSx1, -jnp.inf)
-  threshold_GxSxE = jnp.where(routed_GxSxE > 0, next_GxSx1, kth_GxSx1)
+  if k == noisy_GxSxE.shape[-1]:  # Every expert is routed: none can drop out of the top k.
+    return jnp.ones_like(clean_GxSxE)
+  top_GxSxKplus1 = jax.lax.top_k(noisy_GxSxE, k + 1)[0]
+  threshold_GxSxE = jnp.where(routed_GxSxE > 0, top_GxSxKplus1[..., k:],
+                              top_GxSxKplus1[..., k - 1:k])
   return jax.scipy.stats.norm.cdf((clean_GxSxE - threshold_GxSxE) / noise_std_GxSxE)
 
 
@@ -67,7 +64,8 @@ def balance_losses(logits_GxSxE: jnp.ndarray, gates_GxSxE: jnp.ndarray, routed_G
 
   importance: CV(sum_x G(x))^2. load: CV(sum_x P(x, i))^2 from `load_probability` (only when it is
   given). switch: E * sum_i f_i p_i, f_i the fraction of routed (token, expert) pairs and p_i the
-  mean router probability of expert i; 1 when balanced. z: mean logsumexp(logits)^2.
+  mean router probability of expert i; 1 when balanced. z: mean over tokens of
+  logsumexp(logits)^2.
   """
   mask_GxS = token_mask_GxS.astype(jnp.float32)
   tokens = jnp.maximum(mask_GxS.sum(), 1.0)
@@ -106,14 +104,43 @@ def dispatch_and_combine(gates_GxSxE: jnp.ndarray, routed_GxSxE: jnp.ndarray, nu
   return dispatch_GxSxExC, dispatch_GxSxExC * gates_GxSxE[..., None]
 
 
+class Router(nn.Module):
+  """Noisy top-k gating (Shazeer et al. 2017), W_g and W_noise zero-initialised.
+
+  H(x) = x W_g + StandardNormal() * (Softplus(x W_noise) + eps), the noise drawn from the 'dropout'
+  rng in training only (and never without cfg.moe_noisy); G(x) = Softmax(KeepTopK(H(x), k)).
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_GxSxD: jnp.ndarray, deterministic: bool = True) -> tuple[
+      jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
+    """x: [batch, seq, d_model] -> (H, gates, routed, load P or None), float32 [batch, seq, E]."""
+    cfg = self.cfg
+    shape = (x_GxSxD.shape[-1], cfg.num_experts)
+    x_GxSxD = x_GxSxD.astype(jnp.float32)
+    clean_GxSxE = x_GxSxD @ self.param('w_gate', nn.initializers.zeros, shape)
+    if not cfg.moe_noisy:
+      return clean_GxSxE, *top_k_gates(clean_GxSxE, cfg.moe_top_k), None
+    w_noise = self.param('w_noise', nn.initializers.zeros, shape)
+    noise_std_GxSxE = nn.softplus(x_GxSxD @ w_noise) + NOISE_EPSILON
+    logits_GxSxE = clean_GxSxE
+    if not deterministic:
+      normal_GxSxE = jax.random.normal(self.make_rng('dropout'), clean_GxSxE.shape)
+      logits_GxSxE = clean_GxSxE + normal_GxSxE * noise_std_GxSxE
+    gates_GxSxE, routed_GxSxE = top_k_gates(logits_GxSxE, cfg.moe_top_k)
+    load_GxSxE = load_probability(clean_GxSxE, logits_GxSxE, noise_std_GxSxE, routed_GxSxE,
+                                  cfg.moe_top_k)
+    return logits_GxSxE, gates_GxSxE, routed_GxSxE, load_GxSxE
+
+
 class MoE(nn.Module):
   """x [batch, seq, d_model] -> [batch, seq, d_model]: each token through its top-k experts.
 
   Experts are `FeedForward`s of cfg.ffn and cfg.ffn_dim with params stacked on a leading expert
   axis ([num_experts, d_model, ffn_dim] ...), so that axis can be sharded. A token dropped by an
   expert gets nothing from it (its residual passes unchanged). The balancing losses and routing
-  metrics are sown into 'intermediates' (read them with `collect_losses`). Gate noise is drawn
-  from the 'dropout' rng when not `deterministic`.
+  metrics are sown into 'intermediates' (read them with `collect_losses`).
   """
   cfg: ModelConfig
   out_scale: float = 1.0
@@ -123,28 +150,13 @@ class MoE(nn.Module):
                deterministic: bool = True) -> jnp.ndarray:
     """token_mask: [batch, seq], 0 for padding (never routed, excluded from the losses)."""
     cfg = self.cfg
-    d_model, num_experts = x_GxSxD.shape[-1], cfg.num_experts
-    x32_GxSxD = x_GxSxD.astype(jnp.float32)
-    w_gate = self.param('w_gate', nn.initializers.zeros, (d_model, num_experts))
-    logits_GxSxE = x32_GxSxD @ w_gate
-    load_GxSxE = None
-    if cfg.moe_noisy:
-      w_noise = self.param('w_noise', nn.initializers.zeros, (d_model, num_experts))
-      noise_std_GxSxE = nn.softplus(x32_GxSxD @ w_noise) + NOISE_EPSILON
-      clean_GxSxE = logits_GxSxE
-      if not deterministic:
-        normal_GxSxE = jax.random.normal(self.make_rng('dropout'), clean_GxSxE.shape)
-        logits_GxSxE = clean_GxSxE + normal_GxSxE * noise_std_GxSxE
-    gates_GxSxE, routed_GxSxE = top_k_gates(logits_GxSxE, cfg.moe_top_k)
-    if cfg.moe_noisy:
-      load_GxSxE = load_probability(clean_GxSxE, logits_GxSxE, noise_std_GxSxE, routed_GxSxE,
-                                    cfg.moe_top_k)
+    logits_GxSxE, gates_GxSxE, routed_GxSxE, load_GxSxE = Router(cfg, name='router')(
+        x_GxSxD, deterministic)
     routed_GxSxE *= token_mask_GxS[..., None]
     dispatch_GxSxExC, combine_GxSxExC = dispatch_and_combine(
         gates_GxSxE, routed_GxSxE, capacity(cfg, x_GxSxD.shape[1]))
-
     experts = nn.vmap(FeedForward, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=0, out_axes=0, axis_size=num_experts)
+                      in_axes=0, out_axes=0, axis_size=cfg.num_experts)
     x_ExGxCxD = jnp.einsum('gsec,gsd->egcd', dispatch_GxSxExC.astype(cfg.dtype),
                            x_GxSxD.astype(cfg.dtype))
     y_ExGxCxD = experts(cfg, self.out_scale, name='experts')(x_ExGxCxD)
