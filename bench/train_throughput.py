@@ -1,10 +1,10 @@
 """Training throughput of the project's real train step: ms/step, tokens/s and MFU.
 
-  python bench/train_throughput.py                 # workloads a, b, c
+  python bench/train_throughput.py                 # workloads a, b, c, d
   python bench/train_throughput.py --workloads=a --steps=20 --json
 
 MFU = tokens/s * (6N + 12 L d T) / peak, N = parameters in matrix multiplies (the tied
-embedding counts once, as the unembedding), L layers, d width, T sequence length; peak = a
+embedding counts once, as the unembedding; of the experts only the top-k active ones), L layers, d width, T sequence length; peak = a
 large jitted float32 matmul measured here (median of repeats), or a data-sheet bf16 peak on
 known accelerators. Token ids are random (speed does not depend on them) but batches go through
 the real batching code, so the data-wait share is real.
@@ -37,10 +37,14 @@ def workload(name: str):
   c = importlib.import_module('experiments.pretrain_small').get_config()
   if name == 'c':
     return c, 232  # pretrain_small as shipped (char vocabulary of the stdlib corpus).
-  shapes = {'a': (4, 4, 128, 64, 12), 'b': (6, 6, 384, 256, 16)}
+  shapes = {'a': (4, 4, 128, 64, 12), 'b': (6, 6, 384, 256, 16), 'd': (6, 6, 384, 256, 16)}
   layers, heads, width, seq, batch = shapes[name]
   c.model.update(num_layers=layers, num_heads=heads, d_model=width, max_len=seq, dropout=0.0)
   c.train.update(seq_len=seq, batch_size=batch, grad_accum_steps=1)
+  if name == 'd':  # (b) with every FFN an MoE of 4 experts, top-2, each half as wide: the
+    # active FFN width per token equals (b)'s.
+    c.model.update(moe_every=1, num_experts=4, moe_top_k=2,
+                   ffn_multiplier=c.model.ffn_multiplier / 2)
   return c, CHAR_VOCAB
 
 
@@ -79,7 +83,7 @@ def bench(config, vocab: int, steps: int, warmup: int) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workloads', default='a,b,c')
+  parser.add_argument('--workloads', default='a,b,c,d')
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--json', action='store_true', help='print one JSON object per workload')

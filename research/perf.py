@@ -20,23 +20,27 @@ def param_count(params) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-def matmul_param_count(params) -> int:
+def matmul_param_count(params, expert_fraction: float = 1.0) -> float:
   """Parameters that take part in a matrix multiply per token (6N counts these).
 
   Excludes vectors (norms), position tables, and the input embedding when it is not also the
-  unembedding (a lookup costs no FLOPs).
+  unembedding (a lookup costs no FLOPs). Expert weights (`.../experts/...`) count with
+  `expert_fraction` = top_k / num_experts: only the active experts run for a token.
   """
   flat = traverse_util.flatten_dict(params, sep='/')
   tied = not any(k.startswith('unembed') for k in flat)
-  return int(sum(np.prod(p.shape) for k, p in flat.items()
-                 if len(p.shape) >= 2 and not k.startswith('pos_embed')
-                 and (tied or not k.startswith('embed'))))
+  return float(sum(np.prod(p.shape) * (expert_fraction if '/experts/' in k else 1.0)
+                   for k, p in flat.items()
+                   if len(p.shape) >= 2 and not k.startswith('pos_embed')
+                   and (tied or not k.startswith('embed'))))
 
 
-def train_flops_per_token(params, num_layers: int, d_model: int, seq_len: int) -> float:
-  """6N + 12 L d T: forward+backward matmuls (6 per parameter) plus attention scores and the
-  weighted sum of values (PaLM, Chowdhery et al. 2022, appendix B)."""
-  return 6.0 * matmul_param_count(params) + 12.0 * num_layers * d_model * seq_len
+def train_flops_per_token(params, num_layers: int, d_model: int, seq_len: int,
+                          expert_fraction: float = 1.0) -> float:
+  """6N + 12 L d T: forward+backward matmuls (6 per active parameter) plus attention scores and
+  the weighted sum of values (PaLM, Chowdhery et al. 2022, appendix B)."""
+  return (6.0 * matmul_param_count(params, expert_fraction)
+          + 12.0 * num_layers * d_model * seq_len)
 
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from research import config as config_lib
+from research import perf
 from research.errors import UserError
 from research.nn import moe
 from research.nn.config import ModelConfig
@@ -261,3 +262,17 @@ def test_pretrain_moe_small_trains_with_balanced_load(tmp_path):
   result = pretrain.train_and_evaluate(config, str(tmp_path))
   check_aux_losses(config, result.metrics, prefix='train/')
   assert result.metrics['eval/loss'] < 2.2  # 2.115 / 2.096 (seeds 0 / 1) in the docstring.
+
+
+def test_flops_count_only_the_active_experts():
+  """4 experts, top-2, each half as wide as a dense FFN: the per-token matmul parameters equal the
+  dense model's plus the router's two [d_model, experts] matrices per MoE block."""
+  dense_cfg = ModelConfig(vocab_size=16, num_layers=2, num_heads=2, d_model=D, ffn_multiplier=4.0)
+  moe_cfg = dataclasses.replace(dense_cfg, ffn_multiplier=2.0, moe_every=1, num_experts=4,
+                                moe_top_k=2)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  count = {}
+  for name, cfg in (('dense', dense_cfg), ('moe', moe_cfg)):
+    shapes = jax.eval_shape(DecoderLM(cfg).init, jax.random.key(0), tokens)['params']
+    count[name] = perf.matmul_param_count(shapes, cfg.moe_top_k / cfg.num_experts)
+  assert count['moe'] == count['dense'] + 2 * (2 * D * 4)
