@@ -4,6 +4,7 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 mid-save leaves the previous checkpoint usable.
 """
 
+import os
 from typing import Any, Optional
 
 import jax
@@ -16,9 +17,9 @@ class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for one pytree of train state."""
 
   def __init__(self, directory: str, max_to_keep: int = 3):
-    self.directory = directory
+    self.directory = os.path.abspath(directory)  # Orbax needs absolute paths.
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()

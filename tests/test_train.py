@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from research.checkpoint import Checkpointer
 from research.config import default_config
 from research.data import lm
 from research.errors import UserError
@@ -156,3 +157,15 @@ def test_pretrain_runs_with_each_tokenizer(kind, tiny_corpus, tmp_path):
   assert np.isfinite(result.metrics['eval/loss'])
   with open(os.path.join(tmp_path, 'tokenizer', 'tokenizer.json')) as f:
     assert json.load(f)['kind'] == kind
+
+
+def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
+  """launch.py's default workdir (runs/NAME) is relative; Orbax alone refuses relative paths."""
+  monkeypatch.chdir(tmp_path)
+  ckpt = Checkpointer(os.path.join('runs', 'ckpt'))
+  ckpt.save(3, {'w': np.arange(4.0)})
+  ckpt.wait()
+  restored = ckpt.restore(ckpt.latest_step(), {'w': np.zeros(4)})
+  ckpt.close()
+  np.testing.assert_array_equal(restored['w'], np.arange(4.0))
+  assert os.path.isdir(tmp_path / 'runs' / 'ckpt' / '3')
