@@ -5,6 +5,7 @@ ml_collections), and runs the experiment's stage in --workdir (default runs/NAME
 the same workdir resumes from its latest checkpoint.
 """
 
+import importlib
 import os
 import pathlib
 import sys
@@ -18,10 +19,19 @@ EXPERIMENTS = pathlib.Path(__file__).resolve().parent / 'experiments'
 flags.DEFINE_string('experiment', None, 'Experiment name: a file experiments/NAME.py.')
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go '
                     '(default runs/NAME).')
-flags.DEFINE_enum('mode', 'train', ['train', 'generate', 'chat', 'tokenize'],
+flags.DEFINE_enum('mode', 'train', ['train', 'generate', 'chat', 'tokenize', 'sweep',
+                                    'sweep_report', 'analyze_embeddings'],
                   'train (or resume); generate from --prompt or chat (reads stdin lines) with the '
-                  'latest checkpoint; tokenize: a tokenizer report on the val split.')
+                  'latest checkpoint; tokenize: a tokenizer report on the val split; sweep: run '
+                  'the experiment\'s sweep() points in WORKDIR/sweep/ and report; sweep_report: '
+                  'the table and plots of the points so far; analyze_embeddings: see --words.')
 flags.DEFINE_string('prompt', None, 'Prompt for --mode=generate.')
+flags.DEFINE_integer('sweep_parallel', 1, 'Points of a sweep run at once (processes).')
+flags.DEFINE_bool('sweep_dry_run', False, 'Print one launch.py command per sweep point, run none.')
+flags.DEFINE_list('words', [], 'analyze_embeddings: tokens/words to show neighbours of and plot.')
+flags.DEFINE_multi_string('analogy', [], 'analyze_embeddings: a,b,c for a - b + c (repeatable).')
+flags.DEFINE_string('direction', '', 'analyze_embeddings: A1,A2/B1,B2 projects --words on '
+                    'mean(A) - mean(B).')
 flags.DEFINE_bool('multihost', False, 'Join JAX\'s multi-controller runtime (one process per '
                   'host): cluster settings are detected (TPU, SLURM, MPI) or given below.')
 flags.DEFINE_string('coordinator_address', '', 'host:port of process 0 (with --multihost).')
@@ -68,6 +78,39 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f'unknown config key {hint}; python launch.py --experiment=NAME --helpfull lists them')
 
 
+def stage_module(stage: str):
+  """research/train/<stage>.py, the trainer of config.stage (any module there with a
+  train_and_evaluate(config, workdir))."""
+  from research.errors import UserError  # pylint: disable=g-import-not-at-top
+  stages = sorted(p.stem for p in (EXPERIMENTS.parent / 'research' / 'train').glob('*.py')
+                  if 'def train_and_evaluate(' in p.read_text())
+  if stage not in stages:
+    raise UserError(f'stage={stage!r} is not one of {stages}; set --config.stage to one of them.')
+  return importlib.import_module(f'research.train.{stage}')
+
+
+def run_sweep(workdir: str) -> None:
+  """--mode=sweep / sweep_report: the points of experiments/NAME.py:sweep()."""
+  from research import sweep  # pylint: disable=g-import-not-at-top
+  from research.errors import UserError  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f'experiments.{FLAGS.experiment}')
+  if not hasattr(module, 'sweep'):
+    raise UserError(f'experiments/{FLAGS.experiment}.py defines no sweep(); sweeps are in: '
+                    + ', '.join(n for n in known_experiments()
+                                if 'def sweep(' in (EXPERIMENTS / f'{n}.py').read_text()))
+  points = module.sweep()
+  overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]  # Apply to every point.
+  if FLAGS.sweep_dry_run:
+    sweep.dry_run(FLAGS.experiment, points, workdir, overrides)
+  elif FLAGS.mode == 'sweep_report':
+    sweep.check_points(points)
+    sweep.report(points, workdir)
+    print(open(os.path.join(workdir, 'results.md')).read())
+  else:
+    sweep.run(FLAGS.experiment, points, workdir, FLAGS.sweep_parallel, overrides)
+    print(open(os.path.join(workdir, 'results.md')).read())
+
+
 def main(argv: list[str]) -> None:
   del argv
   # Imported here so that flag errors come back fast, before jax loads.
@@ -86,15 +129,21 @@ def main(argv: list[str]) -> None:
   try:
     config_lib.validate(config)
     if FLAGS.mode == 'train':
+      trainer = stage_module(config.stage)
       if jax.process_index() == 0:
         config_lib.save_to_workdir(config, workdir)
-      pretrain.train_and_evaluate(config, workdir)
+      trainer.train_and_evaluate(config, workdir)
     elif FLAGS.mode == 'generate':
       generate.generate_main(workdir, FLAGS.prompt, config.sampling, seed=config.seed)
     elif FLAGS.mode == 'chat':
       generate.chat_main(workdir, config.sampling, sys.stdin, sys.stdout, seed=config.seed)
     elif FLAGS.mode == 'tokenize':
       print(pretrain.tokenizer_report(config, workdir))
+    elif FLAGS.mode in ('sweep', 'sweep_report'):
+      run_sweep(workdir)
+    elif FLAGS.mode == 'analyze_embeddings':
+      from research.analysis import embeddings  # pylint: disable=g-import-not-at-top
+      print(embeddings.analyze_workdir(workdir, FLAGS.words, FLAGS.analogy, FLAGS.direction))
   except UserError as e:
     fail(str(e))
 

@@ -2,6 +2,7 @@
 checkpoints, preemption and NaN guards. A stage supplies a `Task`: its model, batches and loss."""
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -237,7 +238,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
           t_interval = time.perf_counter()
         if preempted.requested:
           ckpt.wait()
-          print(f'saved the checkpoint at step {done}; rerun the same command to resume', flush=True)
+          print(f'saved the checkpoint at step {done}; rerun the same command to resume',
+                flush=True)
           break
   finally:  # Even on an error, finish the saves in flight: they hold finite weights.
     ckpt.close()
@@ -245,4 +247,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   if is_main:
     metrics_lib.plot_losses(writer.path, os.path.join(workdir, 'loss.png'),
                             title=os.path.basename(os.path.normpath(workdir)))
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:  # Read by sweeps.
+      json.dump({'step': done, 'finished': not preempted.requested,
+                 'params': perf.param_count(state.params), 'flops_per_token': flops_per_token}, f)
   return RunResult(state.params, last, finished=not preempted.requested)

@@ -1,0 +1,1 @@
+"""Tools to inspect trained models (embedding space)."""
