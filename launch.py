@@ -78,17 +78,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f'unknown config key {hint}; python launch.py --experiment=NAME --helpfull lists them')
 
 
-def stage_module(stage: str):
-  """research/train/<stage>.py, the trainer of config.stage (any module there with a
-  train_and_evaluate(config, workdir))."""
-  from research.errors import UserError  # pylint: disable=g-import-not-at-top
-  stages = sorted(p.stem for p in (EXPERIMENTS.parent / 'research' / 'train').glob('*.py')
-                  if 'def train_and_evaluate(' in p.read_text())
-  if stage not in stages:
-    raise UserError(f'stage={stage!r} is not one of {stages}; set --config.stage to one of them.')
-  return importlib.import_module(f'research.train.{stage}')
-
-
 def run_sweep(workdir: str) -> None:
   """--mode=sweep / sweep_report: the points of experiments/NAME.py:sweep()."""
   from research import sweep  # pylint: disable=g-import-not-at-top
@@ -120,6 +109,7 @@ def main(argv: list[str]) -> None:
   from research import parallel  # pylint: disable=g-import-not-at-top
   from research.errors import UserError  # pylint: disable=g-import-not-at-top
   from research.train import pretrain  # pylint: disable=g-import-not-at-top
+  from research.train import stages  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join('runs', FLAGS.experiment)
@@ -129,7 +119,7 @@ def main(argv: list[str]) -> None:
   try:
     config_lib.validate(config)
     if FLAGS.mode == 'train':
-      trainer = stage_module(config.stage)
+      trainer = stages.stage_module(config.stage)
       if jax.process_index() == 0:
         config_lib.save_to_workdir(config, workdir)
       trainer.train_and_evaluate(config, workdir)

@@ -46,6 +46,66 @@ def default_config() -> ml_collections.ConfigDict:
       eval_batches=8,
       checkpoint_every=500,
       keep_checkpoints=3,
+      init_from='',  # Another run's workdir: start from its latest weights and its tokenizer.
+  ))
+  # Supervised fine-tuning (research/train/sft.py).
+  c.sft = ml_collections.ConfigDict(dict(
+      path='',  # '' = the built-in verifiable task (research/data/synthetic.py); else a .jsonl.
+      num_train=20000,  # Built-in task: train problems,
+      num_held_out=200,  # and held-out ones (loss and exact match).
+      held_out_fraction=0.05,  # A .jsonl: the share of records held out.
+      packing=True,  # Several examples per row (segment ids), else one padded example per row.
+      overlong='truncate',  # Examples longer than train.seq_len + 1 tokens: truncate | skip.
+      max_new_tokens=16,  # Greedy reply length for held-out exact match.
+      # Without train.init_from: pretrain first (in <workdir>/pretrain) with these train.* keys
+      # (steps=0: fine-tune the random init).
+      pretrain=ml_collections.ConfigDict(dict(steps=0, batch_size=16, learning_rate=2e-3,
+                                              warmup_steps=50)),
+  ))
+  # LoRA (research/nn/lora.py); rank 0 = full fine-tuning. targets: regexes over parameter paths.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,
+      alpha=16.0,
+      targets=(r'attn/(query|key|value|out)/kernel$', r'ffn/(wi|wg|wo)/kernel$'),
+  ))
+  # Reward model (research/train/reward.py): Bradley-Terry loss on preference pairs.
+  c.reward = ml_collections.ConfigDict(dict(
+      path='',  # '' = pairs of the built-in task (research/data/preferences.py); else a .jsonl.
+      num_train=8000,  # Built-in pairs: train and held-out counts,
+      num_held_out=400,
+      held_out_fraction=0.05,  # a .jsonl: the share held out.
+      normalise_samples=256,  # SFT-policy samples whose rewards are made mean 0, std 1.
+  ))
+  # PPO (research/train/ppo.py); train.steps counts rollout iterations, train.batch_size is the
+  # number of prompts per rollout.
+  c.ppo = ml_collections.ConfigDict(dict(
+      reward_from='',  # The reward model's workdir; '' = train one in <workdir>/reward first.
+      temperature=1.0,  # Rollout sampling temperature (log-probs use the same one).
+      max_new_tokens=16,
+      missing_eos_penalty=1.0,  # Subtracted from the score of a response without EOS.
+      kl_estimator='k1',  # k1 | k3 (research/rl.py).
+      beta=0.05,  # KL coefficient; adaptive (Ziegler et al. 2019) when target_kl > 0.
+      target_kl=0.0,
+      horizon=10000,
+      gamma=1.0,
+      lam=0.95,
+      epochs=4,  # Passes over each rollout batch,
+      minibatch_size=16,  # in shuffled minibatches of this many rollouts.
+      clip=0.2,  # Policy ratio clip,
+      value_clip=0.2,  # and value clip, around the rollout's values.
+      value_coef=0.1,
+  ))
+  # DPO (research/train/dpo.py; Rafailov et al. 2023) on the reward section's pairs.
+  c.dpo = ml_collections.ConfigDict(dict(beta=0.1))
+  # Configs of the earlier stages a stage builds when train.init_from (or ppo.reward_from) is
+  # empty, e.g. earlier.sft for reward/dpo/ppo and earlier.reward for ppo; set by experiments.
+  c.earlier = ml_collections.ConfigDict()
+  # Masked-LM pretraining (research/train/mlm.py; Devlin et al. 2019).
+  c.mlm = ml_collections.ConfigDict(dict(
+      select_prob=0.15,  # Share of tokens predicted (the loss is on these only),
+      mask_prob=0.8,  # of which replaced by <mask>,
+      random_prob=0.1,  # or by a random token; the rest stay unchanged.
+      next_sentence=False,  # Rows <cls> A <sep> B <sep> (B follows A half the time) + NSP head.
   ))
   # Device mesh axis sizes (research/parallel.py); -1 = all remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
@@ -60,6 +120,10 @@ def default_config() -> ml_collections.ConfigDict:
       prompt='',  # Prompt of the sample written to samples.txt at the end of training.
   ))
   return c
+
+
+# The model family each stage trains; stages not listed train decoders.
+STAGE_FAMILIES = {'mlm': 'encoder', 'seq2seq': 'encoder_decoder'}
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -82,6 +146,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f'{t.grad_accum_steps}; each micro-batch has batch_size/grad_accum_steps rows.')
   if t.learning_rate <= 0:
     raise UserError(f'train.learning_rate={t.learning_rate} must be > 0.')
+  family = STAGE_FAMILIES.get(config.stage, 'decoder')
+  if config.model.family != family:
+    raise UserError(f'model.family={config.model.family!r} cannot train in stage='
+                    f'{config.stage!r}, which trains a {family!r} model; set '
+                    f'--config.model.family={family} (or another stage).')
+  m = config.mlm
+  if not (0 < m.select_prob <= 1 and m.mask_prob >= 0 and m.random_prob >= 0
+          and m.mask_prob + m.random_prob <= 1):
+    raise UserError(f'mlm.select_prob={m.select_prob} must be in (0, 1], and mlm.mask_prob='
+                    f'{m.mask_prob} and mlm.random_prob={m.random_prob} >= 0 with a sum <= 1.')
+  if config.lora.rank < 0:
+    raise UserError(f'lora.rank={config.lora.rank} must be >= 0 (0 = full fine-tuning).')
+  if config.ppo.kl_estimator not in ('k1', 'k3'):
+    raise UserError(f"ppo.kl_estimator={config.ppo.kl_estimator!r} is not one of ('k1', 'k3').")
+  if config.stage == 'ppo' and (config.ppo.minibatch_size <= 0
+                               or t.batch_size % config.ppo.minibatch_size):
+    raise UserError(f'train.batch_size={t.batch_size} (rollouts per iteration) must be a multiple '
+                    f'of ppo.minibatch_size={config.ppo.minibatch_size}.')
+  if config.sft.overlong not in ('truncate', 'skip'):
+    raise UserError(f"sft.overlong={config.sft.overlong!r} is not one of ('truncate', 'skip').")
 
 
 # Sections that fix what a workdir holds (weights, tokenizer, token caches): a rerun in the same

@@ -3,6 +3,9 @@ device (`lax.while_loop`) with greedy or temperature / top-k / top-p sampling, o
 
 `generate` is the host-side entry point: it checks the `sampling` config section and the prompt
 lengths, batches the prompts and dispatches on `sampling.strategy`.
+
+Encoder-decoder models take their source as `source` / `source_mask` (or `sources` in `generate`):
+prefill encodes it once into the cache, and the decoder prompt is usually just BOS.
 """
 
 import functools
@@ -76,15 +79,19 @@ def prompt_layout(prompt_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def prefill(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask: jnp.ndarray,
-            cache_len: int) -> tuple[jnp.ndarray, Cache, jnp.ndarray]:
+            cache_len: int, source: jnp.ndarray | None = None,
+            source_mask: jnp.ndarray | None = None) -> tuple[jnp.ndarray, Cache, jnp.ndarray]:
   """Runs left-padded prompts [batch, prompt_len] through the model into a fresh cache.
 
+  source, source_mask: [batch, src_len] for encoder-decoder models (mask False on padding).
   Returns the next-token logits [batch, vocab], the cache (`cache_len` slots) and the position
   [batch, 1] of each row's first new token.
   """
   positions, segments = prompt_layout(prompt_mask)
   cache = init_cache(model.cfg, prompts.shape[0], cache_len)
-  logits, cache = model.apply({'params': params}, prompts, positions, segments, cache=cache)
+  source_segments = None if source_mask is None else source_mask.astype(jnp.int32)
+  logits, cache = model.apply({'params': params}, prompts, positions, segments, cache=cache,
+                              source=source, source_segment_ids=source_segments)
   return logits[:, -1], cache, positions[:, -1:] + 1
 
 
@@ -128,14 +135,16 @@ def decode(model: nn.Module, params: Any, logits: jnp.ndarray, cache: Cache,
                                              'top_p'))
 def sample(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask: jnp.ndarray,
            key: jax.Array, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-           eos_id: int, pad_id: int) -> jnp.ndarray:
+           eos_id: int, pad_id: int, source: jnp.ndarray | None = None,
+           source_mask: jnp.ndarray | None = None) -> jnp.ndarray:
   """Greedy (temperature 0) or sampled continuation of left-padded prompts.
 
-  prompts, prompt_mask: [batch, prompt_len] (mask False on the left padding).
+  prompts, prompt_mask: [batch, prompt_len] (mask False on the left padding); source,
+  source_mask: see `prefill`.
   Returns int32 [batch, max_new_tokens]: new tokens, `pad_id` after a row's EOS.
   """
   logits, cache, positions = prefill(model, params, prompts, prompt_mask,
-                                     prompts.shape[1] + max_new_tokens)
+                                     prompts.shape[1] + max_new_tokens, source, source_mask)
   return decode(model, params, logits, cache, positions, key, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
 
@@ -160,8 +169,10 @@ def _best(tokens: jnp.ndarray, scores: jnp.ndarray, n: int) -> tuple[jnp.ndarray
 @functools.partial(jax.jit, static_argnames=('model', 'num_beams', 'max_new_tokens'))
 def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask: jnp.ndarray, *,
                 num_beams: int, max_new_tokens: int, length_penalty: float, eos_id: int,
-                pad_id: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """The num_beams most likely continuations of left-padded prompts [batch, prompt_len].
+                pad_id: int, source: jnp.ndarray | None = None,
+                source_mask: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The num_beams most likely continuations of left-padded prompts [batch, prompt_len] (and
+  sources, see `prefill`).
 
   Each step extends the n alive beams by their 2n best (beam, token) candidates by cumulative
   log-prob; a candidate ending in EOS and ranked in the top n is finished (as in fairseq), the n
@@ -174,7 +185,8 @@ def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask
   [batch, num_beams]), best first.
   """
   b, n, t = prompts.shape[0], num_beams, max_new_tokens
-  logits, cache, positions = prefill(model, params, prompts, prompt_mask, prompts.shape[1] + t)
+  logits, cache, positions = prefill(model, params, prompts, prompt_mask, prompts.shape[1] + t,
+                                     source, source_mask)
   # One prefill per prompt, then every cache leaf with a batch axis is tiled to the n beams.
   logits, cache, positions = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x,
                                           (logits, cache, positions))
@@ -242,16 +254,24 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int,
 
 def generate(model: nn.Module, params: Any, tokenizer: tokenizers.Tokenizer,
              prompts: Sequence[Sequence[int]], sampling: ml_collections.ConfigDict,
-             key: jax.Array) -> list[list[int]]:
+             key: jax.Array, sources: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
   """The new tokens for each prompt (token ids), cut before the first EOS.
 
   sampling: the `sampling` config section. strategy 'greedy' (or temperature 0) takes the argmax,
   'sample' draws with temperature / top_k / top_p from `key`, 'beam' returns the best hypothesis
-  of `beam_search`. All prompts run as one left-padded batch.
+  of `beam_search`. All prompts run as one left-padded batch. sources: one token list per prompt
+  for encoder-decoder models (the decoder prompt is then typically [BOS]).
   """
   s = sampling
   check_sampling(s)
   tokens, mask = left_pad(prompts, tokenizer.pad_id, PROMPT_BUCKET)
+  source = {}
+  if sources is not None:
+    if max(len(x) for x in sources) > model.cfg.max_len:
+      raise UserError(f'a source has {max(len(x) for x in sources)} tokens, more than '
+                      f'model.max_len={model.cfg.max_len}; shorten it.')
+    source = dict(zip(('source', 'source_mask'),
+                      left_pad(sources, tokenizer.pad_id, PROMPT_BUCKET)))
   longest = max(len(p) for p in prompts)
   if longest + s.max_new_tokens > model.cfg.max_len:
     raise UserError(f'the prompt has {longest} tokens and sampling.max_new_tokens='
@@ -259,7 +279,7 @@ def generate(model: nn.Module, params: Any, tokenizer: tokenizers.Tokenizer,
                     f'model.max_len={model.cfg.max_len}; shorten the prompt or lower '
                     '--config.sampling.max_new_tokens so that they fit.')
   common = dict(max_new_tokens=s.max_new_tokens, eos_id=tokenizer.eos_id,
-                pad_id=tokenizer.pad_id)
+                pad_id=tokenizer.pad_id, **source)
   if s.strategy == 'beam':
     out = beam_search(model, params, tokens, mask, num_beams=s.num_beams,
                       length_penalty=s.length_penalty, **common)[0][:, 0]

@@ -20,12 +20,16 @@ from research.train import pretrain
 
 def generate_main(workdir: str, prompt: str | None, sampling: ml_collections.ConfigDict,
                   seed: int = 0) -> str:
-  """Prints and returns the continuation of `prompt` (after BOS) by the run in `workdir`."""
+  """Prints and returns the continuation of `prompt` (after BOS) by the run in `workdir`; for an
+  encoder-decoder run, the translation of `prompt` (the source; the decoder starts from BOS)."""
   if prompt is None:
     raise UserError('--mode=generate got no prompt; expected text to continue; pass --prompt=TEXT.')
   _, tok, model, params = pretrain.load_trained(workdir)
-  ids = [tok.bos_id] + tok.encode(prompt)
-  new = decoding.generate(model, params, tok, [ids], sampling, jax.random.key(seed))[0]
+  if model.cfg.family == 'encoder_decoder':
+    prompts, sources = [[tok.bos_id]], [tok.encode(prompt)]
+  else:
+    prompts, sources = [[tok.bos_id] + tok.encode(prompt)], None
+  new = decoding.generate(model, params, tok, prompts, sampling, jax.random.key(seed), sources)[0]
   text = tok.decode(new)
   print(text, flush=True)
   return text

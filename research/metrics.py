@@ -3,7 +3,7 @@
 import json
 import os
 import time
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -56,17 +56,24 @@ class MetricsWriter:
 def plot_losses(metrics_path: str, out_png: str, keys: tuple[str, ...] = ('train/loss', 'eval/loss'),
                 title: str = '') -> None:
   """Draws the curves of `keys` from a metrics.jsonl into a PNG."""
+  plot_panels(metrics_path, out_png, {'loss (nats/token)': keys}, title)
+
+
+def plot_panels(metrics_path: str, out_png: str, panels: Mapping[str, Sequence[str]],
+                title: str = '') -> None:
+  """One panel per {y label: keys} of a metrics.jsonl, side by side, into a PNG."""
   records = read_jsonl(metrics_path)
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for key in keys:
-    points = [(r['step'], r[key]) for r in records if key in r]
-    if points:
-      ax.plot(*zip(*points), label=key, marker='o' if key.startswith('eval') else None, ms=3)
-  ax.set_xlabel('step')
-  ax.set_ylabel('loss (nats/token)')
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
+  fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels) ** 0.75, 4.5), squeeze=False)
+  for ax, (ylabel, keys) in zip(axes[0], panels.items()):
+    for key in keys:
+      points = [(r['step'], r[key]) for r in records if key in r]
+      if points:
+        ax.plot(*zip(*points), label=key, marker='o' if key.startswith('eval') else None, ms=3)
+    ax.set_xlabel('step')
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(out_png, dpi=110)
   plt.close(fig)

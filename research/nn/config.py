@@ -5,7 +5,7 @@ import dataclasses
 from research.errors import UserError
 
 CHOICES = {
-    'family': ('decoder',),
+    'family': ('decoder', 'encoder', 'encoder_decoder'),
     'pos_encoding': ('learned', 'sinusoidal', 'rope'),
     'norm': ('layernorm', 'rmsnorm'),
     'norm_position': ('pre', 'post'),
@@ -18,7 +18,8 @@ CHOICES = {
 class ModelConfig:
   """Architecture hyper-parameters. `vocab_size` comes from the tokenizer, the rest from `model.*`.
 
-  family: 'decoder' (GPT).
+  family: 'decoder' (GPT, causal LM), 'encoder' (BERT, masked LM; Devlin et al. 2019) or
+    'encoder_decoder' (Vaswani et al. 2017; num_layers blocks in each of encoder and decoder).
   pos_encoding: 'learned' (GPT-2), 'sinusoidal' (Vaswani et al. 2017) or 'rope' (Su et al. 2021).
   num_kv_heads: key/value heads; 0 means num_heads (MHA), 1 is MQA (Shazeer 2019), else GQA
     (Ainslie et al. 2023).

@@ -1,19 +1,23 @@
-"""Transformer blocks and the decoder-only language model (GPT)."""
+"""Transformer blocks and the three model families: decoder-only (GPT, `DecoderLM`), encoder-only
+(BERT, `EncoderLM`) and encoder-decoder (Vaswani et al. 2017: `DecoderLM` with family
+'encoder_decoder', whose blocks cross-attend to an `Encoder` over the source)."""
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.nn.attention import Attention, attention_mask
+from research.nn.attention import Attention, attention_mask, dense
 from research.nn.config import ModelConfig
 from research.nn.ffn import FeedForward
 from research.nn.moe import MoE
 from research.nn.position import sinusoidal_table
 
-Cache = dict[str, Any]  # {'index': [], 'pos'/'seg': [batch, len], 'layers': {block_i: {'k', 'v'}}}
+# {'index': [], 'pos'/'seg': [batch, len], 'layers': {block_i: {'k', 'v'}}}; encoder-decoder models
+# add the encoder output 'memory' [batch, src_len, d_model] and its 'memory_seg' [batch, src_len].
+Cache = dict[str, Any]
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -22,18 +26,21 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
 
 
 class Block(nn.Module):
-  """Self-attention then feed-forward (a mixture of experts if `moe`), each wrapped in a residual;
-  norms pre or post."""
+  """Self-attention, cross-attention (when given a source), then feed-forward (a mixture of experts
+  if `moe`), each wrapped in a residual; norms pre or post."""
   cfg: ModelConfig
   moe: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray,
                cache: Optional[dict] = None, cache_index: Optional[jnp.ndarray] = None,
-               deterministic: bool = True, token_mask: Optional[jnp.ndarray] = None
+               deterministic: bool = True, token_mask: Optional[jnp.ndarray] = None,
+               source: Optional[jnp.ndarray] = None, source_mask: Optional[jnp.ndarray] = None
                ) -> tuple[jnp.ndarray, Optional[dict]]:
     """x: [batch, seq, d_model]; mask: [batch, 1, seq, keys]; token_mask: [batch, seq], 0 for
-    padding (the MoE routes only the others; default all 1). Returns (x, this layer's new cache)."""
+    padding (the MoE routes only the others; default all 1). source: [batch, src_len, d_model]
+    (an encoder's output) adds cross-attention to it under source_mask [batch, 1, seq, src_len].
+    Returns (x, this layer's new cache)."""
     cfg = self.cfg
     out_scale = 1.0 / np.sqrt(2 * cfg.num_layers)  # GPT-2: residual branches start small.
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
@@ -44,6 +51,12 @@ class Block(nn.Module):
     x = x + drop(h)
     if not pre:
       x = make_norm(cfg, 'ln_attn')(x)
+    if source is not None:  # Keys/values from the source are recomputed each call (no cache).
+      h = make_norm(cfg, 'ln_cross')(x) if pre else x
+      h, _ = Attention(cfg, out_scale, name='cross_attn')(h, source_mask, positions, source=source)
+      x = x + drop(h)
+      if not pre:
+        x = make_norm(cfg, 'ln_cross')(x)
     h = make_norm(cfg, 'ln_ffn')(x) if pre else x
     if self.moe:
       token_mask = jnp.ones(x.shape[:2], bool) if token_mask is None else token_mask
@@ -65,26 +78,124 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
           'layers': {f'block_{i}': {'k': kv, 'v': kv} for i in range(cfg.num_layers)}}
 
 
+def default_layout(tokens: jnp.ndarray, positions: Optional[jnp.ndarray],
+                   segment_ids: Optional[jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(positions, segment_ids) of tokens [batch, seq]: the given ones, else 0..seq-1 and all 1."""
+  b, t = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, t), jnp.int32)
+  return positions, segment_ids
+
+
+def embedding(cfg: ModelConfig) -> tuple[nn.Embed, Callable[..., jnp.ndarray]]:
+  """Creates, in the calling compact module, the token embedding 'embed' (and 'pos_embed' for
+  learned positions). Returns (embed, fn): fn(tokens, positions), both int [batch, seq], gives
+  token + position embeddings [batch, seq, d_model]."""
+  embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(0.02),
+                   name='embed')
+  pos_embed = (nn.Embed(cfg.max_len, cfg.d_model, embedding_init=nn.initializers.normal(0.01),
+                        name='pos_embed') if cfg.pos_encoding == 'learned' else None)
+
+  def embed_fn(tokens: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    x = embed(tokens).astype(cfg.dtype)
+    clipped = jnp.clip(positions, 0, cfg.max_len - 1)
+    if pos_embed is not None:
+      x += pos_embed(clipped).astype(cfg.dtype)
+    elif cfg.pos_encoding == 'sinusoidal':
+      x += jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))[clipped].astype(cfg.dtype)
+    return x
+
+  return embed, embed_fn
+
+
+def unembed(cfg: ModelConfig, embed: nn.Embed, x: jnp.ndarray) -> jnp.ndarray:
+  """Hidden states [batch, seq, d_model] -> float32 logits [batch, seq, vocab], through the tied
+  embedding or (created in the calling compact module) a separate matrix 'unembed'."""
+  b, t, _ = x.shape
+  x2d = x.reshape(b * t, cfg.d_model)
+  if cfg.tie_embeddings:
+    logits = embed.attend(x2d)
+  else:
+    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name='unembed',
+                      kernel_init=nn.initializers.normal(0.02))(x2d)
+  return logits.reshape(b, t, cfg.vocab_size).astype(jnp.float32)
+
+
+class Encoder(nn.Module):
+  """Bidirectional blocks, then the final norm (pre-norm): BERT's body and the encoder of the
+  encoder-decoder."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray,
+               deterministic: bool = True) -> jnp.ndarray:
+    """x: embedded tokens [batch, seq, d_model] -> [batch, seq, d_model]. positions and
+    segment_ids: [batch, seq]; a token sees every token of its own segment (0 = padding)."""
+    cfg = self.cfg
+    mask = attention_mask(positions, segment_ids, positions, segment_ids, causal=False)
+    for i in range(cfg.num_layers):
+      x, _ = Block(cfg, cfg.is_moe_layer(i), name=f'block_{i}')(
+          x, mask, positions, deterministic=deterministic, token_mask=segment_ids > 0)
+    if cfg.norm_position == 'pre':
+      x = make_norm(cfg, 'ln_final')(x)
+    return x
+
+
+class EncoderLM(nn.Module):
+  """BERT (Devlin et al. 2019): token (+ position) embedding, bidirectional blocks, (tied)
+  unembedding for masked-token prediction. With `next_sentence`, also a pooler (tanh of a dense
+  layer over the first token, `<cls>`) and a 2-way is-next-sentence classifier."""
+  cfg: ModelConfig
+  next_sentence: bool = False
+
+  @nn.compact
+  def __call__(self, tokens: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
+               segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True
+               ) -> tuple[jnp.ndarray, Optional[jnp.ndarray]]:
+    """tokens: int [batch, seq] -> (float32 logits [batch, seq, vocab], next-sentence logits
+    [batch, 2] or None). positions, segment_ids: as for DecoderLM."""
+    cfg = self.cfg
+    positions, segment_ids = default_layout(tokens, positions, segment_ids)
+    embed, embed_fn = embedding(cfg)
+    x = nn.Dropout(cfg.dropout, deterministic=deterministic)(embed_fn(tokens, positions))
+    x = Encoder(cfg, name='encoder')(x, positions, segment_ids, deterministic)
+    logits = unembed(cfg, embed, x)
+    if not self.next_sentence:
+      return logits, None
+    pooled = jnp.tanh(dense(x[:, 0], cfg.d_model, cfg, 'pooler'))
+    return logits, dense(pooled, 2, cfg, 'next_sentence').astype(jnp.float32)
+
+
 class DecoderLM(nn.Module):
-  """GPT: token (+ position) embedding, causal blocks, final norm, (tied) unembedding."""
+  """GPT: token (+ position) embedding, causal blocks, final norm, (tied) unembedding.
+
+  With model.family 'encoder_decoder' (Vaswani et al. 2017), an `Encoder` reads a source through
+  the same embedding and every block cross-attends to its output.
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
                segment_ids: Optional[jnp.ndarray] = None, cache: Optional[Cache] = None,
-               deterministic: bool = True) -> tuple[jnp.ndarray, Optional[Cache]]:
-    """tokens: int [batch, seq] -> float32 logits [batch, seq, vocab].
+               deterministic: bool = True, source: Optional[jnp.ndarray] = None,
+               source_segment_ids: Optional[jnp.ndarray] = None, features: bool = False
+               ) -> tuple[jnp.ndarray, Optional[Cache]]:
+    """tokens: int [batch, seq] -> float32 logits [batch, seq, vocab] (with `features`: the final
+    hidden states [batch, seq, d_model] instead, for a head of another kind, see `ScalarLM`).
 
     positions: [batch, seq] (default 0..seq-1); segment_ids: [batch, seq], 0 marks padding and
     packed examples carry distinct ids (default all 1). With a cache (see `init_cache`) the tokens
     are appended at slot cache['index'] and the new cache is returned; else the cache is None.
+    source: int [batch, src_len] (encoder-decoder only): one example per row, padded on either side
+    (source_segment_ids 0; default all 1), at positions 0, 1, ... over its other tokens. A token
+    attends to the source tokens of its own segment id. With a cache, the encoder output is kept
+    in it, so later calls pass no source.
     """
     cfg = self.cfg
-    b, t = tokens.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, t), jnp.int32)
+    t = tokens.shape[1]
+    positions, segment_ids = default_layout(tokens, positions, segment_ids)
     if cache is None:
       k_pos, k_seg, index = positions, segment_ids, None
     else:
@@ -93,32 +204,67 @@ class DecoderLM(nn.Module):
       k_seg = jax.lax.dynamic_update_slice_in_dim(cache['seg'], segment_ids, index, axis=1)
     mask = attention_mask(positions, segment_ids, k_pos, k_seg, causal=True)
 
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(0.02),
-                     name='embed')
-    x = embed(tokens).astype(cfg.dtype)
-    clipped = jnp.clip(positions, 0, cfg.max_len - 1)
-    if cfg.pos_encoding == 'learned':
-      x += nn.Embed(cfg.max_len, cfg.d_model, embedding_init=nn.initializers.normal(0.01),
-                    name='pos_embed')(clipped).astype(cfg.dtype)
-    elif cfg.pos_encoding == 'sinusoidal':
-      x += jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))[clipped].astype(cfg.dtype)
-    x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+    embed, embed_fn = embedding(cfg)
+    x = nn.Dropout(cfg.dropout, deterministic=deterministic)(embed_fn(tokens, positions))
+    memory = memory_seg = cross_mask = None
+    if source is not None:
+      _, memory_seg = default_layout(source, None, source_segment_ids)
+      source_positions = jnp.maximum(jnp.cumsum(memory_seg > 0, axis=1) - 1, 0)
+      src = nn.Dropout(cfg.dropout, deterministic=deterministic)(embed_fn(source, source_positions))
+      memory = Encoder(cfg, name='encoder')(src, source_positions, memory_seg, deterministic)
+    elif cache is not None and 'memory' in cache:
+      memory, memory_seg = cache['memory'], cache['memory_seg']
+    if (memory is not None) != (cfg.family == 'encoder_decoder'):
+      raise ValueError(f'model.family={cfg.family!r}: a source (or a cache holding its encoding) '
+                       'is required for encoder_decoder and refused otherwise.')
+    if memory is not None:
+      cross_mask = attention_mask(positions, segment_ids, None, memory_seg, causal=False)
 
     new_layers = {}
     for i in range(cfg.num_layers):
       name = f'block_{i}'
       layer_cache = None if cache is None else cache['layers'][name]
       x, new_layers[name] = Block(cfg, cfg.is_moe_layer(i), name=name)(
-          x, mask, positions, layer_cache, index, deterministic, segment_ids > 0)
+          x, mask, positions, layer_cache, index, deterministic, segment_ids > 0,
+          source=memory, source_mask=cross_mask)
     if cfg.norm_position == 'pre':
       x = make_norm(cfg, 'ln_final')(x)
-    x2d = x.reshape(b * t, cfg.d_model)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x2d)
-    else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name='unembed',
-                        kernel_init=nn.initializers.normal(0.02))(x2d)
-    logits = logits.reshape(b, t, cfg.vocab_size).astype(jnp.float32)
+    logits = x if features else unembed(cfg, embed, x)
     if cache is not None:
       cache = {'index': index + t, 'pos': k_pos, 'seg': k_seg, 'layers': new_layers}
+      if memory is not None:
+        cache.update(memory=memory, memory_seg=memory_seg)
     return logits, cache
+
+
+class ScalarLM(nn.Module):
+  """A decoder (submodule 'lm', the parameters of a `DecoderLM`) with a scalar head 'head' on its
+  final hidden states: the reward model and the PPO value function."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
+               segment_ids: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """tokens: int [batch, seq] -> float32 scalars [batch, seq] (one per prefix); positions and
+    segment_ids as for DecoderLM."""
+    x, _ = DecoderLM(self.cfg, name='lm')(tokens, positions, segment_ids, features=True)
+    return scalar_head(self.cfg, name='head')(x.astype(jnp.float32))[..., 0]
+
+
+def scalar_head(cfg: ModelConfig, name: Optional[str] = None) -> nn.Dense:
+  """d_model -> 1, initialised as in Stiennon et al. 2020 (std 1 / sqrt(d_model + 1))."""
+  return nn.Dense(1, kernel_init=nn.initializers.normal(1 / np.sqrt(cfg.d_model + 1)), name=name)
+
+
+def init_scalar_head(cfg: ModelConfig, key: jax.Array, lm_params: Any) -> Any:
+  """`ScalarLM` parameters: a decoder's (e.g. an SFT policy's; an untied unembedding is dropped)
+  and a fresh head."""
+  return {'lm': {k: v for k, v in lm_params.items() if k != 'unembed'},
+          'head': scalar_head(cfg).init(key, jnp.zeros((1, cfg.d_model), jnp.float32))['params']}
+
+
+def init_decoder(model: DecoderLM, key: jax.Array, seq_len: int = 1) -> Any:
+  """Fresh parameters of `model` (with the encoder for model.family 'encoder_decoder')."""
+  dummy = jnp.zeros((1, seq_len), jnp.int32)
+  source = dummy if model.cfg.family == 'encoder_decoder' else None
+  return model.init(key, dummy, source=source)['params']

@@ -2,7 +2,7 @@
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -15,10 +15,11 @@ from research import config as config_lib
 from research import decoding
 from research import perf
 from research import tokenizers
+from research.checkpoint import Checkpointer
 from research.data import lm, sources
 from research.errors import UserError
-from research.nn import moe
-from research.nn.transformer import DecoderLM
+from research.nn import lora, moe
+from research.nn.transformer import DecoderLM, init_decoder
 from research.train import loop
 
 
@@ -77,25 +78,42 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str):
   return tok, train, val
 
 
-def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens: np.ndarray,
-              val_tokens: np.ndarray) -> loop.Task:
-  t = config.train
-  micro_batch = t.batch_size // t.grad_accum_steps
+def lm_fns(model: DecoderLM) -> tuple[Callable, Callable]:
+  """(loss_fn, eval_fn) of `loop.Task` for next-token prediction.
+
+  A batch holds 'inputs' and 'targets' (int [batch, seq]) and optionally 'positions' and
+  'segment_ids' (packed examples, see DecoderLM), 'weights' (float [batch, seq], which targets
+  count; default all) and, for encoder-decoder models, 'source' and 'source_segment_ids'.
+  """
+  def forward(params, batch, **kwargs):
+    return model.apply({'params': params}, batch['inputs'], batch.get('positions'),
+                       batch.get('segment_ids'), source=batch.get('source'),
+                       source_segment_ids=batch.get('source_segment_ids'), **kwargs)
 
   def loss_fn(params, batch, key):
-    (logits, _), state = model.apply({'params': params}, batch['inputs'], deterministic=False,
-                                     rngs={'dropout': key}, mutable=['intermediates'])
-    loss, accuracy = lm_loss(logits, batch['targets'])
+    (logits, _), state = forward(params, batch, deterministic=False, rngs={'dropout': key},
+                                 mutable=['intermediates'])
+    loss, accuracy = lm_loss(logits, batch['targets'], batch.get('weights'))
     aux_loss, moe_metrics = moe.collect_losses(state.get('intermediates', {}))
     return loss + aux_loss, {'accuracy': accuracy, **moe_metrics}
 
   def eval_fn(params, batch):
-    logits, _ = model.apply({'params': params}, batch['inputs'])
-    loss, accuracy = lm_loss(logits, batch['targets'])
+    logits, _ = forward(params, batch)
+    loss, accuracy = lm_loss(logits, batch['targets'], batch.get('weights'))
     return {'loss': loss, 'accuracy': accuracy}
 
+  return loss_fn, eval_fn
+
+
+def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens: np.ndarray,
+              val_tokens: np.ndarray, init_params: Callable | None = None) -> loop.Task:
+  """The pretraining task; `init_params` (default: a fresh init) gives the starting weights."""
+  t = config.train
+  micro_batch = t.batch_size // t.grad_accum_steps
+  loss_fn, eval_fn = lm_fns(model)
   return loop.Task(
-      init_params=lambda key: model.init(key, jnp.zeros((1, t.seq_len), jnp.int32))['params'],
+      init_params=init_params or (
+          lambda key: model.init(key, jnp.zeros((1, t.seq_len), jnp.int32))['params']),
       loss_fn=loss_fn,
       eval_fn=eval_fn,
       train_batch=lambda step, micro, rows: lm.lm_batch(train_tokens, micro_batch, t.seq_len,
@@ -103,7 +121,8 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens:
       eval_batches=lm.eval_batches(val_tokens, t.eval_batches, micro_batch, t.seq_len),
       tokens_per_step=t.batch_size * t.seq_len,
       flops_per_token=lambda params: perf.train_flops_per_token(
-          params, config.model.num_layers, config.model.d_model, t.seq_len))
+          params, config.model.num_layers, config.model.d_model, t.seq_len,
+          config.model.moe_top_k / config.model.num_experts))
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
@@ -134,6 +153,10 @@ def write_sample(config: ml_collections.ConfigDict, workdir: str, model: Decoder
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Pretrains a GPT in `workdir` (resuming if it holds a checkpoint) and writes a sample."""
+  init_params = None
+  if config.train.init_from:
+    _, params = init_from(config, workdir)
+    init_params = lambda key: params
   tok, train_tokens, val_tokens = prepare_data(config, workdir)
   model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
   entropy = unigram_entropy(val_tokens, tok.vocab_size)
@@ -143,7 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   with open(os.path.join(workdir, 'data', 'stats.json'), 'w') as f:
     json.dump({'train_tokens': len(train_tokens), 'val_tokens': len(val_tokens),
                'val_unigram_entropy': entropy, 'vocab_size': tok.vocab_size}, f)
-  result = loop.run(config, workdir, make_task(config, model, train_tokens, val_tokens))
+  result = loop.run(config, workdir, make_task(config, model, train_tokens, val_tokens,
+                                               init_params))
   if result.finished:  # Every process takes part in the (SPMD) sampling; process 0 writes.
     text = write_sample(config, workdir, model, result.params, tok)
     if jax.process_index() == 0:
@@ -159,11 +183,56 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizers.To
     raise UserError(f'{workdir} holds no run (no config.json); train it first or fix --workdir.')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  if config.model.family == 'encoder':
+    raise UserError(f'{workdir} holds a masked LM (model.family=encoder), which does not generate '
+                    'text; use a decoder or encoder_decoder run.')
   tok = tokenizers.load_tokenizer(os.path.join(workdir, 'tokenizer'))
   model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
-  init = lambda key: model.init(key, jnp.zeros((1, 1), jnp.int32))['params']
-  params, _ = loop.restore_params(config, workdir, init)
+  rank = config.get('lora', {}).get('rank', 0)
+  if rank:  # The checkpoint holds LoRA adapters of train.init_from's weights.
+    _, _, _, base = load_trained(config.train.init_from)
+    adapters, _ = loop.restore_params(
+        config, workdir, lambda key: lora.init(key, base, rank, config.lora.targets))
+    return config, tok, model, lora.merge(base, adapters, config.lora.alpha, rank)
+  if config.get('stage') == 'ppo':  # PPO saves its final policy alone, in <workdir>/policy.
+    ckpt = Checkpointer(os.path.join(workdir, 'policy'))
+    step = ckpt.latest_step()
+    if step is None:
+      raise UserError(f'{workdir} holds no final PPO policy yet; run it to train.steps first.')
+    params = ckpt.restore(step, init_decoder(model, jax.random.key(0)))
+    ckpt.close()
+    return config, tok, model, params
+  params, _ = loop.restore_params(config, workdir, lambda key: init_decoder(model, key))
   return config, tok, model, params
+
+
+# Model keys that change neither the shapes nor the meaning of the weights.
+FREE_MODEL_KEYS = ('dropout', 'dtype')
+
+
+def init_from(config: ml_collections.ConfigDict, workdir: str) -> tuple[tokenizers.Tokenizer, Any]:
+  """(tokenizer, weights) of the latest checkpoint of the run in `config.train.init_from`.
+
+  The run must have this config's model (but for FREE_MODEL_KEYS) and tokenizer sections (a key
+  its config.json lacks counts as equal: it predates the key). Its tokenizer is copied into
+  `workdir/tokenizer`, so this run and every later one use it.
+  """
+  source = config.train.init_from
+  if not os.path.exists(os.path.join(source, 'config.json')):
+    raise UserError(f'train.init_from={source!r} holds no run (no config.json); give the '
+                    '--workdir of a trained run.')
+  saved, tok, _, params = load_trained(source)
+  saved, current = json.loads(saved.to_json()), json.loads(config.to_json())
+  diffs = [f'{s}.{k}: {saved[s].get(k)!r} there, {v!r} here' for s in ('model', 'tokenizer')
+           for k, v in current[s].items() if k not in FREE_MODEL_KEYS and saved[s].get(k, v) != v]
+  if diffs:
+    raise UserError(f'train.init_from={source!r} has another architecture ({"; ".join(diffs[:3])}'
+                    '); set the same --config.model.* and --config.tokenizer.* as that run.')
+  directory = os.path.join(workdir, 'tokenizer')
+  if not os.path.isdir(directory):
+    tok.save(directory + '.tmp')
+    os.replace(directory + '.tmp', directory)
+  return tok, params
 
 
 def tokenizer_report(config: ml_collections.ConfigDict, workdir: str) -> str:

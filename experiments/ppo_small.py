@@ -1,0 +1,26 @@
+"""ppo_small: PPO with a KL penalty (research/train/ppo.py) of sft_small's GPT against
+reward_small's reward model, on the prompts of the built-in verifiable task.
+
+  python launch.py --experiment=ppo_small          # trains sft_small and reward_small first
+  python launch.py --experiment=ppo_small --config.train.init_from=runs/sft_small \\
+      --config.ppo.reward_from=runs/reward_small
+  python launch.py --experiment=ppo_small --config.seed=1 --workdir=runs/ppo_small_seed1
+
+train.steps counts rollout iterations of train.batch_size prompts. Writes ppo.png (held-out exact
+match, RM reward and KL per iteration) and exact_match.json (before / after).
+"""
+
+from experiments import reward_small
+from experiments import sft_small
+
+
+def get_config():
+  c = sft_small.get_config()
+  c.stage = 'ppo'
+  c.earlier.sft = sft_small.get_config()
+  c.earlier.reward = reward_small.get_config()
+  c.ppo.update(temperature=0.7, max_new_tokens=16, beta=0.05, epochs=4, minibatch_size=16)
+  c.train.update(steps=100, batch_size=64, learning_rate=1e-4, warmup_steps=10,
+                 schedule='constant', weight_decay=0.0, eval_every=20, checkpoint_every=20,
+                 log_every=5)
+  return c

@@ -1,0 +1,29 @@
+"""sft_small: pretrain_small's GPT fine-tuned (all weights) on the built-in verifiable questions.
+
+  python launch.py --experiment=sft_small                  # pretrains 100 steps first (fresh machine)
+  python launch.py --experiment=sft_small --config.train.init_from=runs/pretrain_small
+  python launch.py --experiment=sft_small --mode=chat      # then ask "What is 37 plus 48?"
+
+Questions like "What is 37 plus 48?" -> "85" (research/data/synthetic.py: addition, subtraction,
+unit conversion, sorting digits, counting a letter); the loss is on the answers only, examples
+are packed 3-4 to a row. Held-out exact match of greedy replies before and after is printed and
+written to <workdir>/exact_match.json. sft_lora_small trains LoRA adapters instead.
+
+Runtime and result on 2 shared CPU cores (load average 8-12 from other jobs; seed 0): 40 min
+wall, 9m19s CPU (user); ~0.55 s/step measured while the machine was quiet (3.7k tok/s), 1.6-4 s/step
+under the load. Held-out exact match (200 problems) 0.0 before -> 41.5% after 600 steps:
+convert 100%, sort 62.5%, count 37.5%, add 2.5%, subtract 5%. Below the 60% aim: addition and
+subtraction need more steps (eval answer-token accuracy was still rising: 0.69 / 0.79 / 0.82 at
+steps 200 / 400 / 600).
+"""
+
+from experiments import pretrain_small
+
+
+def get_config():
+  c = pretrain_small.get_config()
+  c.stage = 'sft'
+  c.train.update(steps=600, batch_size=16, seq_len=128, learning_rate=2e-3, warmup_steps=30,
+                 eval_every=200, eval_batches=4, checkpoint_every=200, log_every=50)
+  c.sft.pretrain.update(steps=100, warmup_steps=20)
+  return c

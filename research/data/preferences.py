@@ -1,0 +1,130 @@
+"""Preference pairs for the reward model and DPO: a prompt, a chosen and a rejected answer.
+
+A JSONL record is one of the usual conventions:
+  {"prompt": "...", "chosen": "...", "rejected": "..."}
+  {"chosen": [{"role", "content"}, ...], "rejected": [...]}   conversations that differ in their
+                                                               last (assistant) message
+The built-in pairs come from the verifiable task (research/data/synthetic.py): the chosen answer
+is the correct one, the rejected one wrong; half of them nearly right (an off-by-one number, two
+digits of a sorted list swapped, a unit factor off by ten), half another problem's answer.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from research.data import sft as sft_data
+from research.data import synthetic
+from research.errors import UserError
+from research.tokenizers import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """The shared turns (`prompt`, ending with a user turn), the two answers; `where` names the
+  source ('path:line', or the task kind)."""
+  where: str
+  prompt: list[dict[str, str]]
+  chosen: str
+  rejected: str
+
+
+def parse(record: Any, where: str) -> Pair:
+  """Checks one decoded JSONL line; a UserError naming `where` says what is wrong."""
+  record = record if isinstance(record, dict) else {}
+  chosen, rejected = record.get('chosen'), record.get('rejected')
+  if isinstance(record.get('prompt'), str) and isinstance(chosen, str) and isinstance(
+      rejected, str):
+    return Pair(where, [{'role': 'user', 'content': record['prompt']}], chosen, rejected)
+  if isinstance(chosen, list) and isinstance(rejected, list):
+    c = sft_data.parse({'messages': chosen}, where).messages
+    r = sft_data.parse({'messages': rejected}, where).messages
+    if c[:-1] != r[:-1] or c[-1]['role'] != 'assistant' or r[-1]['role'] != 'assistant':
+      raise UserError(f'{where}: "chosen" and "rejected" must share every message but the last, '
+                      'an assistant answer; fix or delete that line.')
+    return Pair(where, c[:-1], c[-1]['content'], r[-1]['content'])
+  raise UserError(f'{where}: expected "prompt", "chosen" and "rejected" strings, or "chosen" and '
+                  '"rejected" message lists; fix or delete that line.')
+
+
+def read_jsonl(path: str) -> list[Pair]:
+  """The pairs of a JSONL file, every line checked before any is used."""
+  if not os.path.isfile(path):
+    raise UserError(f'the preference file {path!r} is not a file; give a .jsonl of {{"prompt", '
+                    '"chosen", "rejected"} records (or \'\' for the built-in pairs).')
+  pairs = []
+  with open(path, encoding='utf-8') as f:
+    for i, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          pairs.append(parse(json.loads(line), f'{path}:{i}'))
+        except json.JSONDecodeError as e:
+          raise UserError(f'{path}:{i} is not valid JSON ({e.msg}); fix or delete that line.'
+                          ) from None
+  if not pairs:
+    raise UserError(f'{path!r} holds no preference pairs; add JSONL lines.')
+  return pairs
+
+
+def nearly_right(problem: synthetic.Problem, rng: np.random.Generator) -> str:
+  """A wrong answer close to the right one, of the kind a weak model gives."""
+  if problem.kind == 'sort':
+    digits = problem.answer.split()
+    if len(set(digits)) > 1:
+      while True:
+        i = int(rng.integers(len(digits) - 1))
+        if digits[i] != digits[i + 1]:
+          digits[i], digits[i + 1] = digits[i + 1], digits[i]
+          return ' '.join(digits)
+    return ' '.join(digits[:-1])  # All equal: one digit too few.
+  n = int(problem.answer)
+  deltas = {'convert': (9 * n, n // 10 - n), 'count': (-1, 1)}.get(problem.kind,
+                                                                    (-10, -2, -1, 1, 2, 10))
+  return str(n + int(rng.choice([d for d in deltas if n + d >= 0])))
+
+
+def task_pairs(problems: Sequence[synthetic.Problem], seed: int) -> list[Pair]:
+  """One pair per problem: the right answer against a nearly right one (every other pair) or
+  another problem's answer of the same kind (when it differs, else a nearly right one)."""
+  rng = np.random.default_rng([seed, 7])
+  pairs = []
+  for i, p in enumerate(problems):
+    rejected = nearly_right(p, rng)
+    if i % 2:
+      other = problems[int(rng.integers(len(problems)))]
+      if other.kind == p.kind and other.answer != p.answer:
+        rejected = other.answer
+    pairs.append(Pair(p.kind, [{'role': 'user', 'content': p.prompt}], p.answer, rejected))
+  return pairs
+
+
+def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[Pair], seq_len: int
+                 ) -> tuple[dict[str, np.ndarray], list[Pair]]:
+  """Rows of the chosen (index 0) and rejected (1) conversations, right-padded.
+
+  Returns 'tokens' int32 [pairs, 2, seq_len], 'completion' float32 [pairs, 2, seq_len] (1 on the
+  answer tokens and their EOS) and 'length' int32 [pairs, 2]; and the pairs kept: those with a
+  token past seq_len are dropped (a truncated answer cannot be judged).
+  """
+  rows, kept = [], []
+  for pair in pairs:
+    sides = [sft_data.encode(tokenizer, sft_data.Record(
+        pair.where, pair.prompt + [{'role': 'assistant', 'content': answer}]))
+        for answer in (pair.chosen, pair.rejected)]
+    if max(len(s.tokens) for s in sides) <= seq_len:
+      rows.append(sides)
+      kept.append(pair)
+  if not rows:
+    raise UserError(f'no preference pair fits in train.seq_len={seq_len} tokens; raise it.')
+  out = {'tokens': np.full((len(rows), 2, seq_len), tokenizer.pad_id, np.int32),
+         'completion': np.zeros((len(rows), 2, seq_len), np.float32),
+         'length': np.zeros((len(rows), 2), np.int32)}
+  for i, sides in enumerate(rows):
+    for j, s in enumerate(sides):
+      n = len(s.tokens)
+      out['tokens'][i, j, :n], out['completion'][i, j, :n], out['length'][i, j] = (
+          s.tokens, s.weights, n)
+  return out, kept

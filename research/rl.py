@@ -1,0 +1,157 @@
+"""The arithmetic of RLHF, as pure functions of arrays: sequence log-probs, KL estimators, GAE,
+the PPO surrogate and value losses, the adaptive KL coefficient, and the DPO loss.
+
+Conventions: a rollout is a batch of left-padded prompts [batch, prompt_len] followed by
+responses [batch, resp_len]; response arrays are [batch, resp_len] with `mask` 1 on the tokens up
+to and including the first EOS. Rewards, values and advantages are float32 throughout.
+References: Schulman et al. 2017 (PPO), 2016 (GAE); Ziegler et al. 2019 (adaptive KL); Huang et
+al. 2024 ("The N Implementation Details of RLHF with PPO"); Rafailov et al. 2023 (DPO).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def masked_mean(x: jnp.ndarray, mask: jnp.ndarray, axis=None) -> jnp.ndarray:
+  return (x * mask).sum(axis) / jnp.maximum(mask.sum(axis), 1.0)
+
+
+def whiten(x: jnp.ndarray, mask: jnp.ndarray, shift_mean: bool = True) -> jnp.ndarray:
+  """(x - mean) / std over the masked entries (the mean kept when not shift_mean)."""
+  mean = masked_mean(x, mask)
+  var = masked_mean((x - mean) ** 2, mask)
+  out = (x - mean) * jax.lax.rsqrt(var + 1e-8)
+  return out if shift_mean else out + mean
+
+
+def token_logprobs(logits: jnp.ndarray, tokens: jnp.ndarray,
+                   temperature: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(log p(token), entropy) per position of logits [batch, len, vocab] at temperature; tokens
+  [batch, len]. Both [batch, len], float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  chosen = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+  entropy = -(jnp.exp(logp) * logp).sum(-1)
+  return chosen, entropy
+
+
+def response_mask(responses: jnp.ndarray, eos_id: int) -> jnp.ndarray:
+  """1.0 on each row's tokens up to and including its first EOS (all of them without EOS).
+  responses: int [batch, resp_len] -> float32 [batch, resp_len]."""
+  is_eos = (responses == eos_id).astype(jnp.int32)
+  eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
+  return (eos_before == 0).astype(jnp.float32)
+
+
+def last_index(mask: jnp.ndarray) -> jnp.ndarray:
+  """Index of the last nonzero entry of each row of mask [batch, len] -> int32 [batch]."""
+  length = mask.shape[1]
+  return (length - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)).astype(jnp.int32)
+
+
+def kl_estimate(logp: jnp.ndarray, ref_logp: jnp.ndarray, kind: str) -> jnp.ndarray:
+  """Per-token estimate of KL(policy || reference) from log-probs of sampled tokens.
+
+  'k1': logp - ref_logp (unbiased, can be negative); 'k3': (r - 1) - log r with r = p_ref / p
+  (unbiased, never negative; Schulman 2020, "Approximating KL divergence").
+  """
+  if kind == 'k1':
+    return logp - ref_logp
+  if kind == 'k3':
+    log_ratio = ref_logp - logp
+    return jnp.expm1(log_ratio) - log_ratio
+  raise ValueError(f'unknown KL estimator {kind!r}; expected k1 or k3')
+
+
+def token_rewards(score: jnp.ndarray, kl: jnp.ndarray, mask: jnp.ndarray,
+                  beta: jnp.ndarray) -> jnp.ndarray:
+  """-beta * KL_t on every response token, plus the sequence score [batch] on its last token.
+  Returns float32 [batch, resp_len]."""
+  rewards = -beta * kl * mask
+  last = jax.nn.one_hot(last_index(mask), mask.shape[1], dtype=jnp.float32)
+  return (rewards + last * score[:, None]).astype(jnp.float32)
+
+
+def gae(rewards: jnp.ndarray, values: jnp.ndarray, mask: jnp.ndarray, gamma: float,
+        lam: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Generalised advantage estimation by a reverse scan over time.
+
+  rewards, values, mask: [batch, resp_len]; the value after the last masked token is 0.
+  Returns (advantages, returns = advantages + values), float32 [batch, resp_len], 0 off the mask.
+  """
+  rewards, values = rewards * mask, values * mask
+
+  def step(carry, xs):
+    next_value, next_adv = carry
+    r, v, m = xs
+    delta = r + gamma * next_value - v
+    adv = (delta + gamma * lam * next_adv) * m
+    return (v, adv), adv
+
+  zeros = jnp.zeros(rewards.shape[0], jnp.float32)
+  _, adv = jax.lax.scan(step, (zeros, zeros), (rewards.T, values.T, mask.T), reverse=True)
+  adv = adv.T.astype(jnp.float32)
+  return adv, (adv + values) * mask
+
+
+def policy_loss(logp: jnp.ndarray, old_logp: jnp.ndarray, advantages: jnp.ndarray,
+                mask: jnp.ndarray, clip: float) -> tuple[jnp.ndarray, dict]:
+  """PPO's clipped surrogate, mean over masked tokens, with the clip fraction and approximate KL
+  (mean of (ratio - 1) - log ratio) between the old and new policy."""
+  log_ratio = logp - old_logp
+  ratio = jnp.exp(log_ratio)
+  unclipped = -advantages * ratio
+  clipped = -advantages * jnp.clip(ratio, 1 - clip, 1 + clip)
+  loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+  return loss, {'clip_frac': masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+                'approx_kl': masked_mean(jnp.expm1(log_ratio) - log_ratio, mask)}
+
+
+def value_loss(values: jnp.ndarray, old_values: jnp.ndarray, returns: jnp.ndarray,
+               mask: jnp.ndarray, clip: float) -> jnp.ndarray:
+  """0.5 * the larger of the squared errors of the new and of the clipped values, masked mean."""
+  clipped = old_values + jnp.clip(values - old_values, -clip, clip)
+  return 0.5 * masked_mean(jnp.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def explained_variance(values: jnp.ndarray, returns: jnp.ndarray, mask: jnp.ndarray
+                       ) -> jnp.ndarray:
+  """1 - Var[returns - values] / Var[returns] over masked entries (1 = perfect, 0 = a constant)."""
+  var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+  return 1 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
+
+
+def adaptive_beta(beta: float, kl: float, target: float, horizon: int, batch_size: int) -> float:
+  """Ziegler et al. 2019: beta *= 1 + clip(kl / target - 1, -0.2, 0.2) * batch_size / horizon."""
+  error = float(np.clip(kl / target - 1, -0.2, 0.2))
+  return beta * (1 + error * batch_size / horizon)
+
+
+def dpo_loss(logp: jnp.ndarray, ref_logp: jnp.ndarray, beta: float) -> tuple[jnp.ndarray, dict]:
+  """-log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))), mean over pairs.
+
+  logp, ref_logp: summed completion log-probs [pairs, 2], chosen then rejected. Metrics: the
+  implicit rewards beta * (logp - ref_logp) of each side, their margin and how often it is > 0.
+  """
+  rewards = beta * (logp - ref_logp)
+  margin = rewards[:, 0] - rewards[:, 1]
+  return -jax.nn.log_sigmoid(margin).mean(), {
+      'reward_chosen': rewards[:, 0].mean(), 'reward_rejected': rewards[:, 1].mean(),
+      'margin': margin.mean(), 'accuracy': (margin > 0).mean()}
+
+
+def join(prompts: jnp.ndarray, prompt_mask: jnp.ndarray, responses: jnp.ndarray,
+         eos_id: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """Left-padded prompts [batch, prompt_len] (+ mask) and responses [batch, resp_len] as one
+  sequence: (tokens, positions, segment_ids) [batch, prompt_len + resp_len] for the model (segment
+  0 on padding and after EOS) and the response mask [batch, resp_len]."""
+  mask = response_mask(responses, eos_id)
+  segments = jnp.concatenate([prompt_mask.astype(jnp.int32), mask.astype(jnp.int32)], axis=1)
+  positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+  return jnp.concatenate([prompts, responses], axis=1), positions, segments, mask
+
+
+def response_window(x: jnp.ndarray, resp_len: int) -> jnp.ndarray:
+  """The model outputs [batch, prompt_len + resp_len, ...] that predict the response tokens:
+  those at positions prompt_len - 1 ... prompt_len + resp_len - 2."""
+  return x[:, -resp_len - 1:-1]

@@ -1,0 +1,98 @@
+"""Direct preference optimisation (Rafailov et al. 2023): the policy learns from preference pairs
+directly, with loss -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))) where logp sums
+the log-probs of the completion tokens and the reference (the starting SFT model) log-probs are
+computed once before training.
+
+Starts from `train.init_from`, else trains `earlier.sft` in <workdir>/sft first; the pairs are
+the reward stage's (`reward.*` keys). Held-out exact match of greedy replies before and after
+goes to <workdir>/exact_match.json.
+"""
+
+import copy
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from research import config as config_lib
+from research import perf
+from research import rl
+from research.data import preferences
+from research.data import sft as sft_data
+from research.nn.transformer import DecoderLM
+from research.train import loop, pretrain, reward, sft
+
+
+def completion_logprobs(model: DecoderLM, params: Any, batch: dict) -> jnp.ndarray:
+  """Summed log-probs [pairs, 2] of the completion tokens of `preferences.encode_pairs` rows."""
+  tokens = batch['tokens']
+  n, _, length = tokens.shape
+  tokens = tokens.reshape(2 * n, length)
+  segments = (jnp.arange(length) < batch['length'].reshape(2 * n, 1)).astype(jnp.int32)
+  logits, _ = model.apply({'params': params}, tokens[:, :-1], None, segments[:, :-1])
+  logp, _ = rl.token_logprobs(logits, tokens[:, 1:])
+  return (logp * batch['completion'].reshape(2 * n, length)[:, 1:]).sum(-1).reshape(n, 2)
+
+
+def with_reference(rows: dict[str, np.ndarray], logprob_fn, batch_size: int
+                   ) -> dict[str, np.ndarray]:
+  """`rows` plus 'ref_logp' [pairs, 2]: the reference model's completion log-probs."""
+  n = len(rows['tokens'])
+  ref = [np.asarray(logprob_fn({k: v[i:i + batch_size] for k, v in rows.items()}))
+         for i in range(0, n, batch_size)]
+  return {**rows, 'ref_logp': np.concatenate(ref)}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+  """Trains the policy with DPO in `workdir` (resuming); writes exact_match.json."""
+  config = copy.deepcopy(config)
+  if not config.train.init_from:
+    config.train.init_from = reward.earlier_run(config, workdir, 'sft')
+  if jax.process_index() == 0:
+    config_lib.save_to_workdir(config, workdir)
+  tok, base = pretrain.init_from(config, workdir)
+  model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
+  t = config.train
+  train, held_out = reward.load_pairs(config)
+  ref_fn = jax.jit(functools.partial(completion_logprobs, model, base))
+  train_rows = with_reference(preferences.encode_pairs(tok, train, t.seq_len)[0], ref_fn,
+                              t.batch_size)
+  held_rows = with_reference(preferences.encode_pairs(tok, held_out, t.seq_len)[0], ref_fn,
+                             t.batch_size)
+  micro_batch = t.batch_size // t.grad_accum_steps
+
+  def loss_fn(params, batch, key):
+    del key
+    return rl.dpo_loss(completion_logprobs(model, params, batch), batch['ref_logp'],
+                       config.dpo.beta)
+
+  def eval_fn(params, batch):
+    loss, metrics = loss_fn(params, batch, None)
+    return {'loss': loss, **metrics}
+
+  flops = perf.train_flops_per_token(base, config.model.num_layers, config.model.d_model,
+                                     t.seq_len)
+  task = loop.Task(
+      init_params=lambda key: base,
+      loss_fn=loss_fn,
+      eval_fn=eval_fn,
+      train_batch=lambda step, micro, rows: sft_data.sample_rows(
+          train_rows, micro_batch, config.seed, step, micro, rows),
+      eval_batches=sft_data.fixed_batches(held_rows, t.eval_batches, micro_batch),
+      tokens_per_step=t.batch_size * 2 * t.seq_len,
+      flops_per_token=lambda params: flops)
+  _, held_records = sft.load_records(config)
+  results = {'before': sft.score(config, model, base, tok, held_records)}
+  print(f'held-out exact match before DPO: {results["before"]}', flush=True)
+  result = loop.run(config, workdir, task)
+  results['after'] = sft.score(config, model, result.params, tok, held_records)
+  print(f'held-out exact match after DPO: {results["after"]}', flush=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'exact_match.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+  return result

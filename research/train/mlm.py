@@ -1,0 +1,90 @@
+"""Masked-language-model pretraining (BERT, Devlin et al. 2019): an `EncoderLM` predicts the
+selected tokens of corrupted windows of the corpus (research/data/mlm.py), plus next-sentence
+prediction when mlm.next_sentence. Data preparation (tokenizer, token caches) is pretraining's;
+the step loop, checkpoints and metrics are the shared ones. The eval accuracy is the masked-token
+accuracy on the val split.
+"""
+
+import json
+import os
+from typing import Callable
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from research import config as config_lib
+from research import perf
+from research import tokenizers
+from research.data import mlm
+from research.nn import moe
+from research.nn.transformer import EncoderLM
+from research.train import loop
+from research.train.pretrain import lm_loss, prepare_data
+
+
+def mlm_fns(model: EncoderLM) -> tuple[Callable, Callable]:
+  """(loss_fn, eval_fn) of `loop.Task`. A batch holds 'inputs', 'targets' (int [batch, seq]),
+  'weights' (float [batch, seq], 1 at the selected positions) and with a next-sentence head
+  'next_sentence' (int [batch], 1 when B follows A)."""
+  def objective(logits, nsp_logits, batch):
+    loss, accuracy = lm_loss(logits, batch['targets'], batch['weights'])
+    metrics = {'accuracy': accuracy}
+    if nsp_logits is not None:
+      labels = batch['next_sentence']
+      nsp_loss = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, labels).mean()
+      metrics.update(mlm_loss=loss, nsp_loss=nsp_loss,
+                     nsp_accuracy=(nsp_logits.argmax(-1) == labels).mean())
+      loss += nsp_loss
+    return loss, metrics
+
+  def loss_fn(params, batch, key):
+    (logits, nsp_logits), state = model.apply(
+        {'params': params}, batch['inputs'], deterministic=False, rngs={'dropout': key},
+        mutable=['intermediates'])
+    loss, metrics = objective(logits, nsp_logits, batch)
+    aux_loss, moe_metrics = moe.collect_losses(state.get('intermediates', {}))
+    return loss + aux_loss, {**metrics, **moe_metrics}
+
+  def eval_fn(params, batch):
+    loss, metrics = objective(*model.apply({'params': params}, batch['inputs']), batch)
+    return {'loss': loss, **metrics}
+
+  return loss_fn, eval_fn
+
+
+def make_task(config: ml_collections.ConfigDict, model: EncoderLM, tok: tokenizers.Tokenizer,
+              train_tokens: np.ndarray, val_tokens: np.ndarray) -> loop.Task:
+  t, m = config.train, config.model
+  micro_batch = t.batch_size // t.grad_accum_steps
+  loss_fn, eval_fn = mlm_fns(model)
+  return loop.Task(
+      init_params=lambda key: model.init(key, jnp.zeros((1, t.seq_len), jnp.int32))['params'],
+      loss_fn=loss_fn,
+      eval_fn=eval_fn,
+      train_batch=lambda step, micro, rows: mlm.mlm_batch(
+          train_tokens, micro_batch, t.seq_len, config.seed, step, micro, rows, config.mlm, tok),
+      eval_batches=mlm.eval_batches(val_tokens, t.eval_batches, micro_batch, t.seq_len,
+                                    config.seed, config.mlm, tok),
+      tokens_per_step=t.batch_size * t.seq_len,
+      flops_per_token=lambda params: perf.train_flops_per_token(
+          params, m.num_layers, m.d_model, t.seq_len, m.moe_top_k / m.num_experts))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+  """Pretrains a BERT in `workdir` (resuming if it holds a checkpoint)."""
+  tok, train_tokens, val_tokens = prepare_data(config, workdir)
+  model = EncoderLM(config_lib.model_config(config, tok.vocab_size), config.mlm.next_sentence)
+  baseline = mlm.unigram_accuracy(val_tokens)
+  print(f'tokenizer {config.tokenizer.kind}: vocab {tok.vocab_size} | train {len(train_tokens):,} '
+        f'tokens | val {len(val_tokens):,} tokens | unigram baseline masked-token accuracy '
+        f'{baseline:.3f}', flush=True)
+  with open(os.path.join(workdir, 'data', 'stats.json'), 'w') as f:
+    json.dump({'train_tokens': len(train_tokens), 'val_tokens': len(val_tokens),
+               'val_unigram_accuracy': baseline, 'vocab_size': tok.vocab_size}, f)
+  result = loop.run(config, workdir, make_task(config, model, tok, train_tokens, val_tokens))
+  if 'eval/accuracy' in result.metrics:
+    print(f'masked-token accuracy {result.metrics["eval/accuracy"]:.3f} (unigram baseline '
+          f'{baseline:.3f})', flush=True)
+  return result

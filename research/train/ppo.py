@@ -1,0 +1,240 @@
+"""PPO for RLHF (Ouyang et al. 2022; details after Huang et al. 2024, "The N Implementation
+Details of RLHF with PPO"): the SFT policy samples answers to the task's prompts, a reward model
+scores them, and the policy is updated to raise the score while a per-token KL penalty keeps it
+near the frozen SFT reference.
+
+One iteration (train.steps of them): `train.batch_size` left-padded prompts -> responses sampled
+at ppo.temperature and cut after the first EOS -> log-probs recomputed at that temperature by
+the policy and the reference, values by the value model (the SFT model with a scalar head) ->
+per-token rewards -beta * KL_t plus the normalised RM score on the last token (minus
+ppo.missing_eos_penalty without EOS) -> GAE advantages, whitened -> ppo.epochs passes of clipped
+policy and value updates over shuffled minibatches. Rollout and update are jitted.
+
+Starts from `train.init_from` (the SFT run; else `earlier.sft` is trained in <workdir>/sft) and
+`ppo.reward_from` (else `earlier.reward` is trained in <workdir>/reward). Logs per iteration the
+true task score of the samples (the verifier), RM reward, KL, entropy, clip fraction, approx KL,
+explained variance, response length and beta; every train.eval_every iterations the held-out
+greedy exact match. Writes ppo.png, exact_match.json and resumable checkpoints.
+"""
+
+import copy
+import functools
+import json
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from research import config as config_lib
+from research import decoding
+from research import metrics as metrics_lib
+from research import rl
+from research import tokenizers
+from research.checkpoint import Checkpointer
+from research.data import sft as sft_data
+from research.errors import UserError
+from research.nn.transformer import DecoderLM, ScalarLM, init_scalar_head
+from research.train import pretrain, reward, sft
+from research.train.optimizer import make_optimizer
+
+
+@flax.struct.dataclass
+class Models:
+  """The policy, value and reference models and the (normalised) reward model: a pytree whose
+  modules and settings are static, so jitted functions take it as one argument."""
+  policy: DecoderLM = flax.struct.field(pytree_node=False)
+  value: ScalarLM = flax.struct.field(pytree_node=False)
+  settings: tuple = flax.struct.field(pytree_node=False)  # sorted (key, value) of config.ppo
+  ref_params: Any
+  reward: reward.RewardModel
+
+  @property
+  def ppo(self) -> dict:
+    return dict(self.settings)
+
+
+def forward(models: Models, params: Any, ref: bool, rollout: dict
+            ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """(log-probs, entropies, values) [batch, resp_len] of a rollout's response tokens under the
+  policy (or, with `ref`, the reference; values are then those of the value model all the same)."""
+  inputs = (rollout['tokens'], rollout['positions'], rollout['segments'])
+  window = lambda x: rl.response_window(x, rollout['responses'].shape[1])
+  logits, _ = models.policy.apply({'params': models.ref_params if ref else params['policy']},
+                                  *inputs)
+  logp, entropy = rl.token_logprobs(window(logits), rollout['responses'],
+                                    models.ppo['temperature'])
+  values = window(models.value.apply({'params': params['value']}, *inputs))
+  return logp, entropy, values
+
+
+@jax.jit
+def rollout_step(models: Models, params: Any, prompts: jnp.ndarray, prompt_mask: jnp.ndarray,
+                 key: jax.Array, beta: jnp.ndarray) -> tuple[dict, dict]:
+  """Samples responses to prompts [batch, prompt_len] and computes everything an update needs:
+  (rollout arrays, metrics)."""
+  p = models.ppo
+  responses = decoding.sample(models.policy, params['policy'], prompts, prompt_mask, key,
+                              max_new_tokens=p['max_new_tokens'], temperature=p['temperature'],
+                              top_k=0, top_p=1.0, eos_id=p['eos_id'], pad_id=p['pad_id'])
+  tokens, positions, segments, mask = rl.join(prompts, prompt_mask, responses, p['eos_id'])
+  out = {'tokens': tokens, 'positions': positions, 'segments': segments,
+         'responses': responses, 'mask': mask}
+  logp, entropy, values = forward(models, params, False, out)
+  ref_logp, _, _ = forward(models, params, True, out)
+  rm_score = models.reward.score(tokens, positions, segments)
+  has_eos = jnp.any((responses == p['eos_id']) & (mask > 0), axis=1)
+  score = rm_score - p['missing_eos_penalty'] * (~has_eos)
+  kl = rl.kl_estimate(logp, ref_logp, p['kl_estimator']) * mask
+  rewards = rl.token_rewards(score, kl, mask, beta)
+  advantages, returns = rl.gae(rewards, values, mask, p['gamma'], p['lam'])
+  out.update(logp=logp, values=values, advantages=rl.whiten(advantages, mask), returns=returns)
+  metrics = {'rm_reward': rm_score.mean(), 'score': score.mean(), 'kl': kl.sum(1).mean(),
+             'entropy': rl.masked_mean(entropy, mask), 'response_length': mask.sum(1).mean(),
+             'eos_fraction': has_eos.mean(), 'non_score_reward': (-beta * kl).sum(1).mean(),
+             'explained_variance': rl.explained_variance(values, returns, mask)}
+  return out, metrics
+
+
+def ppo_loss(models: Models, params: Any, batch: dict) -> tuple[jnp.ndarray, dict]:
+  """Clipped policy surrogate + value_coef * clipped value loss on a minibatch of rollouts."""
+  p = models.ppo
+  logp, entropy, values = forward(models, params, False, batch)
+  mask = batch['mask']
+  pg_loss, metrics = rl.policy_loss(logp, batch['logp'], batch['advantages'], mask, p['clip'])
+  vf_loss = rl.value_loss(values, batch['values'], batch['returns'], mask, p['value_clip'])
+  return pg_loss + p['value_coef'] * vf_loss, {
+      'policy_loss': pg_loss, 'value_loss': vf_loss, 'update_entropy': rl.masked_mean(
+          entropy, mask), **metrics}
+
+
+@functools.partial(jax.jit, static_argnames='tx', donate_argnames='state')
+def update_step(models: Models, tx: optax.GradientTransformation, state: dict, batch: dict
+                ) -> tuple[dict, dict]:
+  (loss, metrics), grads = jax.value_and_grad(functools.partial(ppo_loss, models), has_aux=True)(
+      state['params'], batch)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  return ({'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
+           'beta': state['beta']}, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **metrics})
+
+
+def task_prompts(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer
+                 ) -> tuple[list[sft_data.Record], np.ndarray, np.ndarray]:
+  """The train records whose prompts PPO answers, and those prompts left-padded to one length."""
+  records, _ = sft.load_records(config)
+  records = [r for r in records if r.messages and r.messages[-1]['role'] == 'assistant']
+  prompts, mask = decoding.left_pad([decoding.chat_prompt(tok, r.messages[:-1]) for r in records],
+                                    tok.pad_id)
+  if prompts.shape[1] + config.ppo.max_new_tokens > config.model.max_len:
+    raise UserError(f'prompts of {prompts.shape[1]} tokens + ppo.max_new_tokens='
+                    f'{config.ppo.max_new_tokens} exceed model.max_len={config.model.max_len}; '
+                    'lower ppo.max_new_tokens or use shorter prompts.')
+  return records, prompts, mask
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs PPO in `workdir` (resuming from its latest checkpoint); returns the final metrics."""
+  config = copy.deepcopy(config)
+  if not config.train.init_from:
+    config.train.init_from = reward.earlier_run(config, workdir, 'sft')
+  if not config.ppo.reward_from:
+    if 'reward' in config.earlier:  # The reward model starts from this policy's SFT run.
+      config.earlier.reward.train.init_from = config.train.init_from
+    config.ppo.reward_from = reward.earlier_run(config, workdir, 'reward')
+  if jax.process_index() == 0:
+    config_lib.save_to_workdir(config, workdir)
+  tok, sft_params = pretrain.init_from(config, workdir)
+  _, reward_model = reward.load(config.ppo.reward_from)
+  cfg = config_lib.model_config(config, tok.vocab_size)
+  t, p = config.train, config.ppo
+  settings = {**p.to_dict(), 'eos_id': tok.eos_id, 'pad_id': tok.pad_id}
+  models = Models(DecoderLM(cfg), ScalarLM(cfg), tuple(sorted(settings.items())), sft_params,
+                  reward_model)
+  records, prompts, prompt_mask = task_prompts(config, tok)
+  _, held_out = sft.load_records(config)
+
+  updates_per_iteration = p.epochs * (t.batch_size // p.minibatch_size)
+  schedule = copy.deepcopy(config.train)  # The learning-rate schedule counts updates.
+  schedule.steps = t.steps * updates_per_iteration
+  tx = make_optimizer(schedule)
+  params = {'policy': sft_params,
+            'value': init_scalar_head(cfg, jax.random.key(config.seed), sft_params)}
+  state = {'params': params, 'opt_state': tx.init(params), 'beta': jnp.float32(p.beta)}
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), t.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start >= t.steps:
+    ckpt.close()
+    print(f'{workdir} is already trained to iteration {start} (train.steps={t.steps})', flush=True)
+    return {}
+  if start:
+    state = ckpt.restore(start, state)
+    print(f'resumed from the checkpoint at iteration {start}', flush=True)
+  writer = metrics_lib.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
+  progress = metrics_lib.Progress(start, t.steps)
+  results = {}
+  if start == 0:
+    results['before'] = sft.score(config, models.policy, sft_params, tok, held_out)
+    writer.write(0, {'eval/exact_match': results['before']['all']})
+    print(f'held-out exact match before PPO: {results["before"]}', flush=True)
+  key = jax.random.key(config.seed)
+  last = {}
+  try:
+    for it in range(start, t.steps):
+      rng = np.random.default_rng([config.seed, it])
+      idx = rng.choice(len(records), t.batch_size, replace=False)
+      rollout, metrics = rollout_step(models, state['params'], prompts[idx], prompt_mask[idx],
+                                      jax.random.fold_in(key, it), state['beta'])
+      replies = [tok.decode(np.asarray(r)) for r in jax.device_get(rollout['responses'])]
+      task_score = np.mean([reply.strip() == records[i].messages[-1]['content'].strip()
+                            for reply, i in zip(replies, idx)])
+      update_metrics = []
+      for _ in range(p.epochs):
+        order = rng.permutation(t.batch_size)
+        for m in range(0, t.batch_size, p.minibatch_size):
+          mb = jax.tree.map(lambda x: x[order[m:m + p.minibatch_size]], rollout)
+          state, um = update_step(models, tx, state, mb)
+          update_metrics.append(um)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics.update({k: float(np.mean([float(u[k]) for u in update_metrics]))
+                      for k in update_metrics[0]})
+      beta = float(state['beta'])
+      metrics.update(task_score=float(task_score), beta=beta)
+      if p.target_kl > 0:
+        state['beta'] = jnp.float32(rl.adaptive_beta(beta, metrics['kl'], p.target_kl, p.horizon,
+                                                     t.batch_size))
+      done = it + 1
+      last = {f'train/{k}': v for k, v in metrics.items()}
+      writer.write(done, last)
+      if done % t.log_every == 0 or done == t.steps:
+        print(progress.line(done, {'task': task_score, 'rm': metrics['rm_reward'],
+                                   'kl': metrics['kl'], 'len': metrics['response_length']}),
+              flush=True)
+      if done % t.eval_every == 0 or done == t.steps:
+        held = sft.score(config, models.policy, state['params']['policy'], tok, held_out)
+        last['eval/exact_match'] = held['all']
+        writer.write(done, {'eval/exact_match': held['all']})
+        print(f'  eval at iteration {done}: held-out exact match {held}', flush=True)
+        results['after'] = held
+      if done % t.checkpoint_every == 0 or done == t.steps:
+        ckpt.save(done, state)
+  finally:
+    ckpt.close()
+    writer.close()
+  policy = Checkpointer(os.path.join(workdir, 'policy'), 1)  # Read by pretrain.load_trained.
+  policy.save(t.steps, state['params']['policy'])
+  policy.close()
+  if jax.process_index() == 0:
+    metrics_lib.plot_panels(writer.path, os.path.join(workdir, 'ppo.png'), {
+        'held-out / sampled exact match': ('eval/exact_match', 'train/task_score'),
+        'normalised RM reward': ('train/rm_reward',),
+        'KL to the SFT reference (nats/response)': ('train/kl',)},
+        title=f'PPO ({os.path.basename(os.path.normpath(workdir))}, seed {config.seed})')
+    with open(os.path.join(workdir, 'exact_match.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump({'step': t.steps, 'finished': True, **last}, f)
+  return last

@@ -1,0 +1,222 @@
+"""Reward model: an SFT (or pretrained) decoder with a scalar head read at the last token,
+trained on preference pairs with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
+
+Starts from `train.init_from`, else trains `earlier.sft` in <workdir>/sft first. After training,
+a gain and bias are fitted so that the rewards of the SFT policy's own samples have mean 0 and
+std 1 (Stiennon et al. 2020); they are stored in <workdir>/reward_norm.json and applied by `load`.
+Held-out pairwise accuracy (overall and per task kind) goes to <workdir>/reward.json.
+"""
+
+import copy
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from research import config as config_lib
+from research import decoding
+from research import perf
+from research import rl
+from research import tokenizers
+from research.data import preferences
+from research.data import sft as sft_data
+from research.data import synthetic
+from research.errors import UserError
+from research.nn.transformer import ScalarLM, init_scalar_head
+from research.train import loop, pretrain, stages
+
+
+def earlier_run(config: ml_collections.ConfigDict, workdir: str, name: str) -> str:
+  """The workdir of an earlier stage: given, else `earlier.<name>` trained in <workdir>/<name>."""
+  if name not in config.earlier:
+    raise UserError(f'this stage needs a {name} run: set --config.train.init_from (or '
+                    f'ppo.reward_from) to its workdir, or give the experiment an earlier.{name} '
+                    'config to train one.')
+  return stages.run_stage(config.earlier[name], os.path.join(workdir, name))
+
+
+def load_pairs(config: ml_collections.ConfigDict
+               ) -> tuple[list[preferences.Pair], list[preferences.Pair]]:
+  """(train, held-out) preference pairs: of the JSONL file reward.path, or of the built-in task."""
+  r = config.reward
+  if r.path:
+    pairs = preferences.read_jsonl(r.path)
+    held = [i for i, p in enumerate(pairs)
+            if sft_data.split([sft_data.Record('', p.prompt)], r.held_out_fraction)[1]]
+    train = [p for i, p in enumerate(pairs) if i not in set(held)]
+    held_out = [pairs[i] for i in held]
+  else:
+    train = preferences.task_pairs(synthetic.problems('train', r.num_train, config.seed),
+                                   config.seed)
+    held_out = preferences.task_pairs(
+        synthetic.problems('held_out', r.num_held_out, config.seed), config.seed + 1)
+  if not train or not held_out:
+    raise UserError(f'the preference data has {len(train)} train and {len(held_out)} held-out '
+                    'pairs; both need some: add pairs or change reward.held_out_fraction.')
+  return train, held_out
+
+
+def last_token_scores(model: nn.Module, params: Any, tokens: jnp.ndarray,
+                      positions: jnp.ndarray | None, segment_ids: jnp.ndarray) -> jnp.ndarray:
+  """The scalar head at each row's last non-padding token (segment_ids > 0): [batch]."""
+  scores = model.apply({'params': params}, tokens, positions, segment_ids)
+  return jnp.take_along_axis(scores, rl.last_index(segment_ids)[:, None], axis=1)[:, 0]
+
+
+def pair_scores(model: ScalarLM, params: Any, batch: dict) -> jnp.ndarray:
+  """Rewards [pairs, 2] (chosen, rejected) of a batch of `preferences.encode_pairs` rows."""
+  tokens = batch['tokens']
+  n, _, length = tokens.shape
+  segments = (jnp.arange(length) < batch['length'][..., None]).astype(jnp.int32)
+  return last_token_scores(model, params, tokens.reshape(2 * n, length), None,
+                           segments.reshape(2 * n, length)).reshape(n, 2)
+
+
+def pair_metrics(scores: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
+  """Bradley-Terry loss of scores [pairs, 2] and its metrics."""
+  margin = scores[:, 0] - scores[:, 1]
+  return -jax.nn.log_sigmoid(margin).mean(), {
+      'accuracy': (margin > 0).mean(), 'margin': margin.mean(), 'reward_mean': scores.mean(),
+      'reward_std': scores.std()}
+
+
+@flax.struct.dataclass
+class RewardModel:
+  """A reward model with its normalisation (a pytree: pass it to jitted functions)."""
+  model: ScalarLM = flax.struct.field(pytree_node=False)
+  params: Any
+  gain: float
+  bias: float
+
+  def score(self, tokens: jnp.ndarray, positions: jnp.ndarray,
+            segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """Normalised rewards [batch] of sequences [batch, len] at their last non-padding token."""
+    raw = last_token_scores(self.model, self.params, tokens, positions, segment_ids)
+    return self.gain * raw + self.bias
+
+
+@functools.partial(jax.jit, static_argnames=('policy', 'max_new_tokens', 'temperature'))
+def sample_and_score(policy: nn.Module, policy_params: Any, reward: RewardModel,
+                     prompts: jnp.ndarray, prompt_mask: jnp.ndarray, key: jax.Array, *,
+                     max_new_tokens: int, temperature: float, eos_id: int, pad_id: int
+                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Responses [batch, max_new_tokens] sampled from `policy` and their rewards [batch]."""
+  responses = decoding.sample(policy, policy_params, prompts, prompt_mask, key,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
+                              top_p=1.0, eos_id=eos_id, pad_id=pad_id)
+  tokens, positions, segments, _ = rl.join(prompts, prompt_mask, responses, eos_id)
+  return responses, reward.score(tokens, positions, segments)
+
+
+def prompt_batches(tok: tokenizers.Tokenizer, prompts: Sequence[list[dict[str, str]]],
+                   batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Chat prompts (message lists) -> left-padded (tokens, mask) batches of batch_size (the last
+  one filled up with the first prompts), all of one length."""
+  ids = [decoding.chat_prompt(tok, p) for p in prompts]
+  ids += [ids[i % len(ids)] for i in range(-len(ids) % batch_size)]
+  tokens, mask = decoding.left_pad(ids, tok.pad_id)
+  return [(tokens[i:i + batch_size], mask[i:i + batch_size])
+          for i in range(0, len(ids), batch_size)]
+
+
+def fit_normalisation(config: ml_collections.ConfigDict, reward: RewardModel, policy: nn.Module,
+                      policy_params: Any, tok: tokenizers.Tokenizer,
+                      prompts: Sequence[list[dict[str, str]]]) -> tuple[float, float]:
+  """(gain, bias) making the rewards of the policy's samples on `prompts` mean 0, std 1."""
+  raw = RewardModel(reward.model, reward.params, 1.0, 0.0)
+  key = jax.random.key(config.seed)
+  scores = []
+  for i, (tokens, mask) in enumerate(prompt_batches(tok, prompts, config.train.batch_size)):
+    _, s = sample_and_score(policy, policy_params, raw, tokens, mask, jax.random.fold_in(key, i),
+                            max_new_tokens=config.ppo.max_new_tokens,
+                            temperature=config.ppo.temperature, eos_id=tok.eos_id,
+                            pad_id=tok.pad_id)
+    scores.append(np.asarray(s))
+  scores = np.concatenate(scores)[:len(prompts)]
+  gain = 1.0 / max(float(scores.std()), 1e-6)
+  return gain, -float(scores.mean()) * gain
+
+
+def load(workdir: str) -> tuple[tokenizers.Tokenizer, RewardModel]:
+  """The tokenizer and the normalised reward model of a trained reward run in `workdir`."""
+  path = os.path.join(workdir, 'reward_norm.json')
+  if not os.path.exists(path):
+    raise UserError(f'{workdir} holds no finished reward model (no reward_norm.json); train one '
+                    '(--experiment=reward_small) or fix ppo.reward_from.')
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(path) as f:
+    norm = json.load(f)
+  tok = tokenizers.load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  model = ScalarLM(config_lib.model_config(config, tok.vocab_size))
+  params, _ = loop.restore_params(config, workdir, lambda key: model.init(
+      key, jnp.zeros((1, 1), jnp.int32))['params'])
+  return tok, RewardModel(model, params, norm['gain'], norm['bias'])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+  """Trains the reward model in `workdir` (resuming), then fits and saves its normalisation."""
+  config = copy.deepcopy(config)
+  if not config.train.init_from:
+    config.train.init_from = earlier_run(config, workdir, 'sft')
+  if jax.process_index() == 0:
+    config_lib.save_to_workdir(config, workdir)
+  tok, base = pretrain.init_from(config, workdir)
+  cfg = config_lib.model_config(config, tok.vocab_size)
+  model = ScalarLM(cfg)
+  train, held_out = load_pairs(config)
+  t = config.train
+  train_rows, train = preferences.encode_pairs(tok, train, t.seq_len)
+  held_rows, held_out = preferences.encode_pairs(tok, held_out, t.seq_len)
+  micro_batch = t.batch_size // t.grad_accum_steps
+
+  def loss_fn(params, batch, key):
+    del key  # No dropout in the reward model.
+    return pair_metrics(pair_scores(model, params, batch))
+
+  def eval_fn(params, batch):
+    loss, metrics = pair_metrics(pair_scores(model, params, batch))
+    return {'loss': loss, **metrics}
+
+  flops = perf.train_flops_per_token(base, config.model.num_layers, config.model.d_model,
+                                     t.seq_len)
+  task = loop.Task(
+      init_params=lambda key: init_scalar_head(cfg, key, base),
+      loss_fn=loss_fn,
+      eval_fn=eval_fn,
+      train_batch=lambda step, micro, rows: sft_data.sample_rows(
+          train_rows, micro_batch, config.seed, step, micro, rows),
+      eval_batches=sft_data.fixed_batches(held_rows, len(held_rows['tokens']) // micro_batch,
+                                          micro_batch),
+      tokens_per_step=t.batch_size * 2 * t.seq_len,
+      flops_per_token=lambda params: flops)
+  result = loop.run(config, workdir, task)
+  if not result.finished:
+    return result
+
+  score_fn = jax.jit(functools.partial(pair_scores, model))
+  scores = np.concatenate([np.asarray(score_fn(result.params, b)) for b in task.eval_batches])
+  right = scores[:, 0] > scores[:, 1]
+  kinds = [p.where for p in held_out][:len(right)]
+  report = {'held_out_accuracy': float(right.mean()), 'pairs': int(len(right)),
+            **{f'accuracy/{k}': float(np.mean([r for r, w in zip(right, kinds) if w == k]))
+               for k in sorted(set(kinds) & set(synthetic.KINDS))}}
+  print(f'reward model held-out pairwise accuracy: {report}', flush=True)
+  _, _, policy, policy_params = pretrain.load_trained(config.train.init_from)
+  gain, bias = fit_normalisation(
+      config, RewardModel(model, result.params, 1.0, 0.0), policy, policy_params, tok,
+      [p.prompt for p in train[:config.reward.normalise_samples]])
+  print(f'reward normalisation: gain {gain:.4g}, bias {bias:.4g}', flush=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'reward.json'), 'w') as f:
+      json.dump(report, f, indent=2)
+    with open(os.path.join(workdir, 'reward_norm.json'), 'w') as f:
+      json.dump({'gain': gain, 'bias': bias}, f)
+  return result

@@ -1,0 +1,220 @@
+"""RLHF: GAE, the PPO losses, KL and rewards, the reward model's score, DPO, preference data."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import decoding
+from research import rl
+from research import tokenizers
+from research.config import default_config
+from research.data import preferences
+from research.data import synthetic
+from research.errors import UserError
+from research.nn.config import ModelConfig
+from research.nn.transformer import DecoderLM, ScalarLM, init_scalar_head
+from research.train import dpo, ppo, reward
+
+CFG = ModelConfig(vocab_size=80, num_layers=1, num_heads=2, d_model=16, max_len=64)
+
+
+@pytest.fixture(scope='module')
+def tok():
+  return tokenizers.train_tokenizer(default_config().tokenizer,
+                                    ['What is 0123456789 plus minus? abcdefghijklmnopqrstuvwxyz.'])
+
+
+@pytest.fixture(scope='module')
+def lm_params():
+  return DecoderLM(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+
+
+def gae_reference(rewards, values, lengths, gamma, lam):
+  """A plain loop over each row's valid steps, written from the definition."""
+  adv = np.zeros_like(rewards)
+  for b, n in enumerate(lengths):
+    for t in range(n):
+      total, discount = 0.0, 1.0
+      for k in range(t, n):
+        next_value = values[b, k + 1] if k + 1 < n else 0.0
+        delta = rewards[b, k] + gamma * next_value - values[b, k]
+        total += discount * delta
+        discount *= gamma * lam
+      adv[b, t] = total
+  return adv
+
+
+@pytest.mark.parametrize('gamma,lam', [(1.0, 0.95), (0.9, 0.8)])
+def test_gae_matches_a_plain_loop(gamma, lam):
+  rng = np.random.default_rng(0)
+  lengths = [5, 1, 3]
+  rewards = rng.normal(size=(3, 5)).astype(np.float32)
+  values = rng.normal(size=(3, 5)).astype(np.float32)
+  mask = (np.arange(5) < np.array(lengths)[:, None]).astype(np.float32)
+  adv, returns = rl.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
+  expected = gae_reference(rewards, values, lengths, gamma, lam)
+  np.testing.assert_allclose(adv, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(returns, (expected + values) * mask, rtol=1e-5, atol=1e-5)
+
+
+def test_clipped_surrogate_matches_a_hand_computed_case():
+  # Token 1: ratio e^0.5 = 1.65 with A = +1 -> clipped at 1.2: loss -1.2.
+  # Token 2: ratio e^-0.5 = 0.61 with A = -2 -> clipped at 0.8 (more pessimistic): loss 1.6.
+  # Token 3: ratio 1 with A = 3: loss -3. Token 4 is masked out.
+  logp = jnp.array([[0.5, -0.5, 0.0, 9.0]])
+  old = jnp.zeros((1, 4))
+  adv = jnp.array([[1.0, -2.0, 3.0, 100.0]])
+  mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+  loss, metrics = rl.policy_loss(logp, old, adv, mask, clip=0.2)
+  np.testing.assert_allclose(loss, (-1.2 + 1.6 - 3.0) / 3, rtol=1e-6)
+  np.testing.assert_allclose(metrics['clip_frac'], 2 / 3, rtol=1e-6)
+  # Value loss: new 2 vs old 0 clipped to 0.2; return 1: max((2-1)^2, (0.2-1)^2) / 2 = 0.5.
+  v = rl.value_loss(jnp.array([[2.0]]), jnp.array([[0.0]]), jnp.array([[1.0]]), jnp.ones((1, 1)),
+                    clip=0.2)
+  np.testing.assert_allclose(v, 0.5, rtol=1e-6)
+
+
+def test_kl_is_zero_and_rewards_are_the_score_when_policy_is_the_reference():
+  logp = jnp.array([[-1.0, -2.0, -0.5, -3.0]])
+  mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+  for kind in ('k1', 'k3'):
+    kl = rl.kl_estimate(logp, logp, kind)
+    assert (kl == 0).all()
+    rewards = rl.token_rewards(jnp.array([2.5]), kl, mask, beta=jnp.float32(0.1))
+    assert rewards.tolist() == [[0.0, 0.0, 2.5, 0.0]]
+  # k3 never goes below 0; k1 does.
+  other = logp + jnp.array([[0.3, -0.3, 1.0, 0.0]])
+  assert (rl.kl_estimate(logp, other, 'k3') >= 0).all()
+  assert (rl.kl_estimate(logp, other, 'k1') < 0).any()
+
+
+def test_rewards_stay_float_even_from_integer_scores():
+  rewards = rl.token_rewards(jnp.array([1, 0]), jnp.zeros((2, 3)), jnp.ones((2, 3)),
+                             beta=jnp.float32(0.05))
+  assert rewards.dtype == jnp.float32
+  adv, returns = rl.gae(rewards, jnp.zeros((2, 3)), jnp.ones((2, 3)), 1.0, 0.95)
+  assert adv.dtype == returns.dtype == jnp.float32
+
+
+def test_response_mask_keeps_eos_and_the_value_at_eos_is_trained(tok):
+  assert tok.eos_id != tok.pad_id
+  e, p = tok.eos_id, tok.pad_id
+  responses = jnp.array([[5, e, p, p], [5, 6, 7, 8], [e, p, p, p]])
+  mask = rl.response_mask(responses, e)
+  assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+  assert rl.last_index(mask).tolist() == [1, 3, 0]
+  # The value predicted where EOS is the next token gets a gradient; those after it do not.
+  grad = jax.grad(lambda v: rl.value_loss(v, jnp.zeros((3, 4)), jnp.ones((3, 4)), mask, 10.0))(
+      jnp.zeros((3, 4)))
+  assert grad[0, 1] != 0 and grad[2, 0] != 0
+  assert grad[0, 2] == 0 and grad[2, 1] == 0
+
+
+def test_whiten_and_explained_variance():
+  x = jnp.array([[1.0, 2.0, 3.0, 100.0]])
+  mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+  w = rl.whiten(x, mask)
+  np.testing.assert_allclose(rl.masked_mean(w, mask), 0.0, atol=1e-6)
+  np.testing.assert_allclose(rl.masked_mean(w ** 2, mask), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(rl.explained_variance(x, x, mask), 1.0)
+
+
+def test_adaptive_beta_follows_ziegler():
+  # KL twice the target: error clipped to +0.2, scaled by batch / horizon.
+  assert rl.adaptive_beta(0.1, 2.0, 1.0, 100, 10) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+  assert rl.adaptive_beta(0.1, 0.9, 1.0, 100, 10) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+
+
+def test_dpo_loss_is_log2_at_init_and_its_gradient_raises_chosen(tok, lm_params):
+  pairs = preferences.task_pairs(synthetic.problems('train', 6, 0), 0)
+  rows, kept = preferences.encode_pairs(tok, pairs, 48)
+  assert len(kept) == 6
+  model = DecoderLM(CFG)
+  logp = dpo.completion_logprobs(model, lm_params, rows)
+  loss, metrics = rl.dpo_loss(logp, logp, beta=0.1)
+  np.testing.assert_allclose(loss, math.log(2), rtol=1e-6)
+  assert metrics['margin'] == 0
+  grad = jax.grad(lambda lp: rl.dpo_loss(lp, logp, 0.1)[0])(logp)
+  assert (grad[:, 0] < 0).all() and (grad[:, 1] > 0).all()
+  # The summed completion log-prob equals a per-pair sum written out directly.
+  i = 2
+  tokens = rows['tokens'][i, 0, :rows['length'][i, 0]]
+  logits, _ = model.apply({'params': lm_params}, jnp.asarray(tokens[None, :-1]))
+  lp = jax.nn.log_softmax(logits[0])[np.arange(len(tokens) - 1), tokens[1:]]
+  weights = rows['completion'][i, 0, 1:len(tokens)]
+  np.testing.assert_allclose(logp[i, 0], (lp * weights).sum(), rtol=1e-5)
+
+
+def test_reward_is_read_at_the_last_token_whatever_the_padding(tok, lm_params):
+  model = ScalarLM(CFG)
+  params = init_scalar_head(CFG, jax.random.key(1), lm_params)
+  pairs = preferences.task_pairs(synthetic.problems('train', 4, 0), 0)
+  rows, _ = preferences.encode_pairs(tok, pairs, 52)
+  wider, _ = preferences.encode_pairs(tok, pairs, 64)
+  scores = reward.pair_scores(model, params, rows)
+  np.testing.assert_allclose(scores, reward.pair_scores(model, params, wider), rtol=1e-5,
+                             atol=1e-6)
+  n = rows['length'][0, 1]
+  alone = model.apply({'params': params}, jnp.asarray(rows['tokens'][None, 0, 1, :n]))
+  np.testing.assert_allclose(scores[0, 1], alone[0, -1], rtol=1e-5)
+  loss, metrics = reward.pair_metrics(jnp.array([[1.0, 0.0], [0.0, 2.0]]))
+  np.testing.assert_allclose(loss, (-jax.nn.log_sigmoid(1.0) - jax.nn.log_sigmoid(-2.0)) / 2)
+  assert metrics['accuracy'] == 0.5
+
+
+def test_rollout_of_the_reference_policy_has_zero_kl(tok, lm_params):
+  cfg = default_config()
+  settings = {**cfg.ppo.to_dict(), 'max_new_tokens': 6, 'eos_id': tok.eos_id,
+              'pad_id': tok.pad_id}
+  rm = reward.RewardModel(ScalarLM(CFG), init_scalar_head(CFG, jax.random.key(2), lm_params),
+                          1.0, 0.0)
+  models = ppo.Models(DecoderLM(CFG), ScalarLM(CFG), tuple(sorted(settings.items())), lm_params,
+                      rm)
+  params = {'policy': lm_params, 'value': init_scalar_head(CFG, jax.random.key(3), lm_params)}
+  prompts = [tok.apply_chat_template([{'role': 'user', 'content': q}], add_generation_prompt=True)
+             for q in ('What is 1 plus 2?', 'Sort 3 1.')]
+  tokens, mask = decoding.left_pad(prompts, tok.pad_id)
+  out, metrics = ppo.rollout_step(models, params, tokens, mask, jax.random.key(0),
+                                  jnp.float32(0.05))
+  assert float(metrics['kl']) == 0.0 and float(metrics['non_score_reward']) == 0.0
+  for k in ('logp', 'values', 'advantages', 'returns'):
+    assert out[k].dtype == jnp.float32
+  assert out['mask'].shape == (2, 6) and (out['mask'][:, 0] == 1).all()
+  loss, m = ppo.ppo_loss(models, params, out)
+  assert np.isfinite(float(loss)) and float(m['approx_kl']) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_preference_lines_are_checked(tmp_path):
+  path = tmp_path / 'pairs.jsonl'
+  path.write_text(json.dumps({'prompt': 'a', 'chosen': 'b', 'rejected': 'c'}) + '\n' +
+                  json.dumps({'prompt': 'a', 'chosen': 'b'}) + '\n')
+  with pytest.raises(UserError, match=r'pairs.jsonl:2: expected "prompt", "chosen"'):
+    preferences.read_jsonl(str(path))
+  path.write_text('{"prompt": \n')
+  with pytest.raises(UserError, match=r'pairs.jsonl:1 is not valid JSON'):
+    preferences.read_jsonl(str(path))
+  conv = {'chosen': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}],
+          'rejected': [{'role': 'user', 'content': 'other'},
+                       {'role': 'assistant', 'content': 'b'}]}
+  path.write_text(json.dumps(conv) + '\n')
+  with pytest.raises(UserError, match='must share every message but the last'):
+    preferences.read_jsonl(str(path))
+  conv['rejected'][0]['content'] = 'q'
+  path.write_text(json.dumps(conv) + '\n')
+  [pair] = preferences.read_jsonl(str(path))
+  assert (pair.prompt, pair.chosen, pair.rejected) == ([{'role': 'user', 'content': 'q'}], 'a',
+                                                        'b')
+
+
+def test_built_in_pairs_are_right_against_wrong():
+  problems = synthetic.problems('train', 200, 0)
+  pairs = preferences.task_pairs(problems, 0)
+  for p, pair in zip(problems, pairs):
+    assert synthetic.is_correct(pair.chosen, p)
+    assert not synthetic.is_correct(pair.rejected, p)
+  near = [preferences.nearly_right(p, np.random.default_rng(0)) for p in problems]
+  assert all(n != p.answer for n, p in zip(near, problems))
