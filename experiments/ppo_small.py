@@ -19,8 +19,8 @@ def get_config():
   c.stage = 'ppo'
   c.earlier.sft = sft_small.get_config()
   c.earlier.reward = reward_small.get_config()
-  c.ppo.update(temperature=0.7, max_new_tokens=16, beta=0.05, epochs=4, minibatch_size=16)
-  c.train.update(steps=100, batch_size=64, learning_rate=1e-4, warmup_steps=10,
+  c.ppo.update(temperature=0.7, max_new_tokens=16, beta=0.05, epochs=2, minibatch_size=16)
+  c.train.update(steps=80, batch_size=64, learning_rate=1e-4, warmup_steps=10,
                  schedule='constant', weight_decay=0.0, eval_every=20, checkpoint_every=20,
                  log_every=5)
   return c

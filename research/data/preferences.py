@@ -10,8 +10,6 @@ digits of a sorted list swapped, a unit factor off by ten), half another problem
 """
 
 import dataclasses
-import json
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -52,21 +50,8 @@ def parse(record: Any, where: str) -> Pair:
 
 def read_jsonl(path: str) -> list[Pair]:
   """The pairs of a JSONL file, every line checked before any is used."""
-  if not os.path.isfile(path):
-    raise UserError(f'the preference file {path!r} is not a file; give a .jsonl of {{"prompt", '
-                    '"chosen", "rejected"} records (or \'\' for the built-in pairs).')
-  pairs = []
-  with open(path, encoding='utf-8') as f:
-    for i, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          pairs.append(parse(json.loads(line), f'{path}:{i}'))
-        except json.JSONDecodeError as e:
-          raise UserError(f'{path}:{i} is not valid JSON ({e.msg}); fix or delete that line.'
-                          ) from None
-  if not pairs:
-    raise UserError(f'{path!r} holds no preference pairs; add JSONL lines.')
-  return pairs
+  return sft_data.read_jsonl(path, parse, 'reward.path',
+                             '{"prompt", "chosen", "rejected"} records')
 
 
 def nearly_right(problem: synthetic.Problem, rng: np.random.Generator) -> str:

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import zlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -64,24 +64,26 @@ def parse(record: Any, where: str) -> Record:
                   '"text" (strings); fix or delete that line.')
 
 
-def read_jsonl(path: str) -> list[Record]:
-  """The records of a JSONL file, every line checked before any is used."""
+def read_jsonl(path: str, parse_line: Callable[[Any, str], Any] | None = None,
+               key: str = 'sft.path', expected: str = '{"prompt", "completion"}, {"messages"} '
+               'or {"text"} records') -> list:
+  """The records of a JSONL file, each line checked (`parse_line(value, 'path:line')`, default
+  `parse`) before any is used. `key` and `expected` name the setting and format in errors."""
   if not os.path.isfile(path):
-    raise UserError(f'sft.path={path!r} is not a file; give a .jsonl file of {{"prompt", '
-                    '"completion"}, {"messages"} or {"text"} records (or \'\' for the built-in '
-                    'task).')
+    raise UserError(f'{key}={path!r} is not a file; give a .jsonl file of {expected} (or \'\' '
+                    'for the built-in task).')
   records = []
   with open(path, encoding='utf-8') as f:
     for i, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
-        records.append(parse(json.loads(line), f'{path}:{i}'))
+        records.append((parse_line or parse)(json.loads(line), f'{path}:{i}'))
       except json.JSONDecodeError as e:
         raise UserError(f'{path}:{i} is not valid JSON ({e.msg}); fix or delete that line.'
                         ) from None
   if not records:
-    raise UserError(f'sft.path={path!r} holds no records; add JSONL lines.')
+    raise UserError(f'{key}={path!r} holds no records; add JSONL lines.')
   return records
 
 
@@ -180,10 +182,14 @@ def make_rows(examples: Sequence[Example], seq_len: int, pack: bool,
   return out
 
 
+def num_rows(rows: dict[str, np.ndarray]) -> int:
+  return len(next(iter(rows.values())))
+
+
 def sample_rows(rows: dict[str, np.ndarray], batch_size: int, seed: int, step: int,
                 micro: int = 0, part: slice = slice(None)) -> dict[str, np.ndarray]:
   """Rows `part` of a random batch of `batch_size` rows, drawn from (seed, step, micro) only."""
-  n = len(rows['inputs'])
+  n = num_rows(rows)
   idx = np.random.default_rng([seed, step, micro]).integers(0, n, size=batch_size)[part]
   return {k: v[idx] for k, v in rows.items()}
 
@@ -191,9 +197,9 @@ def sample_rows(rows: dict[str, np.ndarray], batch_size: int, seed: int, step: i
 def fixed_batches(rows: dict[str, np.ndarray], num_batches: int,
                   batch_size: int) -> list[dict[str, np.ndarray]]:
   """Up to `num_batches` consecutive batches of the first rows (fewer when rows run out)."""
-  n = min(num_batches, len(rows['inputs']) // batch_size)
+  n = min(num_batches, num_rows(rows) // batch_size)
   if n == 0:
-    raise UserError(f'the held-out split fills {len(rows["inputs"])} rows, fewer than one '
+    raise UserError(f'the held-out split fills {num_rows(rows)} rows, fewer than one '
                     f'micro-batch of {batch_size}; add held-out examples or lower '
                     'train.batch_size.')
   return [{k: v[i * batch_size:(i + 1) * batch_size] for k, v in rows.items()} for i in range(n)]

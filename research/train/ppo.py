@@ -161,8 +161,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   schedule = copy.deepcopy(config.train)  # The learning-rate schedule counts updates.
   schedule.steps = t.steps * updates_per_iteration
   tx = make_optimizer(schedule)
-  params = {'policy': sft_params,
-            'value': init_scalar_head(cfg, jax.random.key(config.seed), sft_params)}
+  # Copies: updates donate their buffers, and the reference keeps the SFT weights.
+  params = jax.tree.map(jnp.array, {
+      'policy': sft_params, 'value': init_scalar_head(cfg, jax.random.key(config.seed), sft_params)})
   state = {'params': params, 'opt_state': tx.init(params), 'beta': jnp.float32(p.beta)}
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), t.keep_checkpoints)
   start = ckpt.latest_step() or 0

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import pathlib
+import time
 from types import ModuleType
 
 import jax
@@ -44,5 +45,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
   if jax.process_index() == 0:
     config_lib.save_to_workdir(config, workdir)
   print(f'stage {config.stage}: training in {workdir}', flush=True)
+  start = time.perf_counter()
   stage_module(config.stage).train_and_evaluate(config, workdir)
+  minutes, seconds = divmod(int(time.perf_counter() - start), 60)
+  print(f'stage {config.stage}: finished in {minutes} min {seconds:02d} s', flush=True)
   return workdir
