@@ -4,6 +4,9 @@
   python launch.py --experiment=dpo_small --config.train.init_from=runs/sft_small
 
 Held-out exact match before and after goes to <workdir>/exact_match.json.
+
+Measured (inside rlhf_small, 2 CPU cores, seed 0): 5 min 10 s; held-out pair accuracy of the
+implicit reward 0.77 (margin 0.47), but held-out exact match 41.5% -> 40.5%: no gain yet.
 """
 
 from experiments import sft_small

@@ -8,6 +8,11 @@ reward_small's reward model, on the prompts of the built-in verifiable task.
 
 train.steps counts rollout iterations of train.batch_size prompts. Writes ppo.png (held-out exact
 match, RM reward and KL per iteration) and exact_match.json (before / after).
+
+Measured (inside rlhf_small, 2 CPU cores, seed 0): 5 min 36 s for 80 iterations; held-out exact
+match 41.5% -> 32.0% (sort 62.5% -> 12.5%), KL 2.1 nats per response, the RM reward of samples
+nearly flat (-0.17 -> -0.06): with the reward model at chance on three of five kinds (see
+reward_small), the updates follow noise. Not a working result yet.
 """
 
 from experiments import reward_small

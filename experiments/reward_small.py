@@ -7,6 +7,10 @@ built-in verifiable task: the right answer against a nearly right or another pro
 
 Held-out pairwise accuracy goes to <workdir>/reward.json, the reward normalisation (SFT samples
 -> mean 0, std 1) to <workdir>/reward_norm.json.
+
+Measured (inside rlhf_small, 2 CPU cores, seed 0): 5 min 25 s; held-out pairwise accuracy 69.3%
+(convert 97.4%, sort 88.3%, add 54.5%, count 53.9%, subtract 51.9%), below the 90% aim: a 1.8M
+parameter model whose SFT policy adds correctly 2.5% of the time cannot tell 85 from 86 either.
 """
 
 from experiments import sft_small
