@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 
 from research import decoding
 from research import rl
+from research import sweep
 from research import tokenizers
 from research.config import default_config
 from research.data import preferences
@@ -218,3 +221,30 @@ def test_built_in_pairs_are_right_against_wrong():
     assert not synthetic.is_correct(pair.rejected, p)
   near = [preferences.nearly_right(p, np.random.default_rng(0)) for p in problems]
   assert all(n != p.answer for n, p in zip(near, problems))
+
+
+@pytest.mark.slow
+def test_rlhf_pipeline_runs_end_to_end_through_launch(tmp_path):
+  """rlhf_small with every stage shrunk to a few steps: all stages run, the table is written,
+  a rerun skips the finished stages, and the PPO policy loads for generation."""
+  shrink = []
+  for stage, steps in (('sft', 20), ('reward', 10), ('ppo', 3), ('dpo', 10)):
+    shrink += [f'--config.earlier.{stage}.train.steps={steps}',
+               f'--config.earlier.{stage}.train.eval_every={steps}',
+               f'--config.earlier.{stage}.sft.num_held_out=64']
+  shrink += ['--config.earlier.sft.sft.pretrain.steps=10',
+             '--config.earlier.reward.reward.normalise_samples=64']
+  cmd = [sys.executable, sweep.LAUNCH, '--experiment=rlhf_small', f'--workdir={tmp_path}'] + shrink
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = json.load(open(tmp_path / 'results.json'))
+  assert list(rows) == ['pretrain', 'sft', 'ppo', 'dpo']
+  assert rows['sft']['kl_to_sft'] == 0.0 and rows['ppo']['kl_to_sft'] != 0.0
+  assert (tmp_path / 'rlhf.png').stat().st_size > 0
+  assert (tmp_path / 'ppo' / 'ppo.png').stat().st_size > 0
+  again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+  assert again.returncode == 0 and again.stdout.count(': done in ') == 4, again.stdout[-2000:]
+  gen = subprocess.run([sys.executable, sweep.LAUNCH, '--experiment=ppo_small', '--mode=generate',
+                        f'--workdir={tmp_path / "ppo"}', '--prompt=What is 1 plus 2?'],
+                       capture_output=True, text=True, timeout=600, check=False)
+  assert gen.returncode == 0, gen.stderr[-2000:]

@@ -148,7 +148,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     config_lib.save_to_workdir(config, workdir)
   tok, sft_params = pretrain.init_from(config, workdir)
-  _, reward_model = reward.load(config.ppo.reward_from)
+  reward_tok, reward_model = reward.load(config.ppo.reward_from)
+  if reward_tok.vocab_size != tok.vocab_size or reward_tok.eos_id != tok.eos_id:
+    raise UserError(f'ppo.reward_from={config.ppo.reward_from!r} reads another tokenizer (vocab '
+                    f'{reward_tok.vocab_size}, here {tok.vocab_size}); train the reward model from '
+                    'this policy\'s SFT run (train.init_from) or point to one that was.')
   cfg = config_lib.model_config(config, tok.vocab_size)
   t, p = config.train, config.ppo
   settings = {**p.to_dict(), 'eos_id': tok.eos_id, 'pad_id': tok.pad_id}
