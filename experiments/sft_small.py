@@ -25,4 +25,5 @@ def get_config():
   c.train.update(steps=600, batch_size=16, seq_len=128, learning_rate=2e-3, warmup_steps=30,
                  eval_every=200, eval_batches=4, checkpoint_every=200, log_every=50)
   c.sft.pretrain.update(steps=100, warmup_steps=20)
+  c.sampling.max_new_tokens = 32  # --mode=generate / chat: answers are short.
   return c

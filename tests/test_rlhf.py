@@ -248,3 +248,17 @@ def test_rlhf_pipeline_runs_end_to_end_through_launch(tmp_path):
                         f'--workdir={tmp_path / "ppo"}', '--prompt=What is 1 plus 2?'],
                        capture_output=True, text=True, timeout=600, check=False)
   assert gen.returncode == 0, gen.stderr[-2000:]
+
+
+def test_pairs_from_a_file_are_split_by_prompt(tmp_path):
+  path = tmp_path / 'pairs.jsonl'
+  path.write_text(''.join(json.dumps({'prompt': f'q{i}', 'chosen': 'a', 'rejected': 'b'}) + '\n'
+                          for i in range(200)))
+  config = default_config()
+  config.reward.update(path=str(path), held_out_fraction=0.2)
+  train, held_out = reward.load_pairs(config)
+  assert len(train) + len(held_out) == 200 and 20 < len(held_out) < 60
+  assert not {p.prompt[0]['content'] for p in train} & {p.prompt[0]['content'] for p in held_out}
+  config.reward.held_out_fraction = 0.0
+  with pytest.raises(UserError, match='0 held-out'):
+    reward.load_pairs(config)

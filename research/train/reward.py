@@ -47,11 +47,11 @@ def load_pairs(config: ml_collections.ConfigDict
   """(train, held-out) preference pairs: of the JSONL file reward.path, or of the built-in task."""
   r = config.reward
   if r.path:
-    pairs = preferences.read_jsonl(r.path)
-    held = [i for i, p in enumerate(pairs)
-            if sft_data.split([sft_data.Record('', p.prompt)], r.held_out_fraction)[1]]
-    train = [p for i, p in enumerate(pairs) if i not in set(held)]
-    held_out = [pairs[i] for i in held]
+    pairs = preferences.read_jsonl(r.path)  # Held out by a hash of the prompt, as in SFT.
+    held = [bool(sft_data.split([sft_data.Record('', p.prompt)], r.held_out_fraction)[1])
+            for p in pairs]
+    train = [p for p, h in zip(pairs, held) if not h]
+    held_out = [p for p, h in zip(pairs, held) if h]
   else:
     train = preferences.task_pairs(synthetic.problems('train', r.num_train, config.seed),
                                    config.seed)
