@@ -248,6 +248,10 @@ def test_rlhf_pipeline_runs_end_to_end_through_launch(tmp_path):
                         f'--workdir={tmp_path / "ppo"}', '--prompt=What is 1 plus 2?'],
                        capture_output=True, text=True, timeout=600, check=False)
   assert gen.returncode == 0, gen.stderr[-2000:]
+  scorer = subprocess.run([sys.executable, sweep.LAUNCH, '--experiment=reward_small',
+                           '--mode=generate', f'--workdir={tmp_path / "reward"}', '--prompt=1'],
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert scorer.returncode != 0 and 'holds a reward model' in scorer.stderr, scorer.stderr[-500:]
 
 
 def test_pairs_from_a_file_are_split_by_prompt(tmp_path):

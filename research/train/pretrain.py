@@ -183,6 +183,9 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizers.To
     raise UserError(f'{workdir} holds no run (no config.json); train it first or fix --workdir.')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  if config.get('stage') == 'reward':
+    raise UserError(f'{workdir} holds a reward model, which scores text but does not generate it; '
+                    'use an SFT, PPO or DPO run.')
   if config.model.family == 'encoder':
     raise UserError(f'{workdir} holds a masked LM (model.family=encoder), which does not generate '
                     'text; use a decoder or encoder_decoder run.')
