@@ -58,18 +58,24 @@ class Models:
     return dict(self.settings)
 
 
-def forward(models: Models, params: Any, ref: bool, rollout: dict
-            ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-  """(log-probs, entropies, values) [batch, resp_len] of a rollout's response tokens under the
-  policy (or, with `ref`, the reference; values are then those of the value model all the same)."""
-  inputs = (rollout['tokens'], rollout['positions'], rollout['segments'])
-  window = lambda x: rl.response_window(x, rollout['responses'].shape[1])
-  logits, _ = models.policy.apply({'params': models.ref_params if ref else params['policy']},
-                                  *inputs)
-  logp, entropy = rl.token_logprobs(window(logits), rollout['responses'],
-                                    models.ppo['temperature'])
-  values = window(models.value.apply({'params': params['value']}, *inputs))
-  return logp, entropy, values
+def inputs(rollout: dict) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  return rollout['tokens'], rollout['positions'], rollout['segments']
+
+
+def logprobs(models: Models, policy_params: Any, rollout: dict
+             ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(log-probs, entropies) [batch, resp_len] of a rollout's response tokens under the policy
+  with `policy_params` (the reference's: models.ref_params), at ppo.temperature."""
+  logits, _ = models.policy.apply({'params': policy_params}, *inputs(rollout))
+  resp = rollout['responses']
+  return rl.token_logprobs(rl.response_window(logits, resp.shape[1]), resp,
+                           models.ppo['temperature'])
+
+
+def values(models: Models, value_params: Any, rollout: dict) -> jnp.ndarray:
+  """The value model's estimates [batch, resp_len] before each response token."""
+  out = models.value.apply({'params': value_params}, *inputs(rollout))
+  return rl.response_window(out, rollout['responses'].shape[1])
 
 
 @jax.jit
@@ -84,29 +90,31 @@ def rollout_step(models: Models, params: Any, prompts: jnp.ndarray, prompt_mask:
   tokens, positions, segments, mask = rl.join(prompts, prompt_mask, responses, p['eos_id'])
   out = {'tokens': tokens, 'positions': positions, 'segments': segments,
          'responses': responses, 'mask': mask}
-  logp, entropy, values = forward(models, params, False, out)
-  ref_logp, _, _ = forward(models, params, True, out)
+  logp, entropy = logprobs(models, params['policy'], out)
+  ref_logp, _ = logprobs(models, models.ref_params, out)
+  old_values = values(models, params['value'], out)
   rm_score = models.reward.score(tokens, positions, segments)
   has_eos = jnp.any((responses == p['eos_id']) & (mask > 0), axis=1)
   score = rm_score - p['missing_eos_penalty'] * (~has_eos)
   kl = rl.kl_estimate(logp, ref_logp, p['kl_estimator']) * mask
   rewards = rl.token_rewards(score, kl, mask, beta)
-  advantages, returns = rl.gae(rewards, values, mask, p['gamma'], p['lam'])
-  out.update(logp=logp, values=values, advantages=rl.whiten(advantages, mask), returns=returns)
+  advantages, returns = rl.gae(rewards, old_values, mask, p['gamma'], p['lam'])
+  out.update(logp=logp, values=old_values, advantages=rl.whiten(advantages, mask), returns=returns)
   metrics = {'rm_reward': rm_score.mean(), 'score': score.mean(), 'kl': kl.sum(1).mean(),
              'entropy': rl.masked_mean(entropy, mask), 'response_length': mask.sum(1).mean(),
              'eos_fraction': has_eos.mean(), 'non_score_reward': (-beta * kl).sum(1).mean(),
-             'explained_variance': rl.explained_variance(values, returns, mask)}
+             'explained_variance': rl.explained_variance(old_values, returns, mask)}
   return out, metrics
 
 
 def ppo_loss(models: Models, params: Any, batch: dict) -> tuple[jnp.ndarray, dict]:
   """Clipped policy surrogate + value_coef * clipped value loss on a minibatch of rollouts."""
   p = models.ppo
-  logp, entropy, values = forward(models, params, False, batch)
+  logp, entropy = logprobs(models, params['policy'], batch)
+  new_values = values(models, params['value'], batch)
   mask = batch['mask']
   pg_loss, metrics = rl.policy_loss(logp, batch['logp'], batch['advantages'], mask, p['clip'])
-  vf_loss = rl.value_loss(values, batch['values'], batch['returns'], mask, p['value_clip'])
+  vf_loss = rl.value_loss(new_values, batch['values'], batch['returns'], mask, p['value_clip'])
   return pg_loss + p['value_coef'] * vf_loss, {
       'policy_loss': pg_loss, 'value_loss': vf_loss, 'update_entropy': rl.masked_mean(
           entropy, mask), **metrics}
