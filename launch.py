@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent / 'experiments'
@@ -111,6 +112,8 @@ def main(argv: list[str]) -> None:
   from research.train import pretrain  # pylint: disable=g-import-not-at-top
   from research.train import stages  # pylint: disable=g-import-not-at-top
 
+  if not FLAGS['verbosity'].present:  # absl turns INFO on under app.run; Orbax's INFO lines
+    logging.set_verbosity(logging.WARNING)  # would bury the progress lines (-v 0 brings them back).
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join('runs', FLAGS.experiment)
   if FLAGS.multihost:

@@ -11,6 +11,7 @@ import os
 import ml_collections
 
 from research import tokenizers
+from research.data import synthetic
 from research.errors import UserError
 from research.nn.config import ModelConfig
 
@@ -52,7 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict(dict(
       path='',  # '' = the built-in verifiable task (research/data/synthetic.py); else a .jsonl.
       num_train=20000,  # Built-in task: train problems,
-      num_held_out=200,  # and held-out ones (loss and exact match).
+      num_held_out=200,  # and held-out ones (loss and exact match),
+      kinds=synthetic.KINDS,  # of these kinds (also the reward pairs' and PPO prompts').
       held_out_fraction=0.05,  # A .jsonl: the share of records held out.
       packing=True,  # Several examples per row (segment ids), else one padded example per row.
       overlong='truncate',  # Examples longer than train.seq_len + 1 tokens: truncate | skip.
@@ -79,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   # PPO (research/train/ppo.py); train.steps counts rollout iterations, train.batch_size is the
   # number of prompts per rollout.
   c.ppo = ml_collections.ConfigDict(dict(
+      reward='model',  # model | checker (1 if the reply is the record's answer, else 0).
       reward_from='',  # The reward model's workdir; '' = train one in <workdir>/reward first.
       temperature=1.0,  # Rollout sampling temperature (log-probs use the same one).
       max_new_tokens=16,
@@ -96,7 +99,10 @@ def default_config() -> ml_collections.ConfigDict:
       value_coef=0.1,
   ))
   # DPO (research/train/dpo.py; Rafailov et al. 2023) on the reward section's pairs.
-  c.dpo = ml_collections.ConfigDict(dict(beta=0.1))
+  c.dpo = ml_collections.ConfigDict(dict(
+      beta=0.1,
+      nll_coef=0.0,  # > 0: plus this times the chosen answers' per-token NLL (RPO).
+  ))
   # Configs of the earlier stages a stage builds when train.init_from (or ppo.reward_from) is
   # empty, e.g. earlier.sft for reward/dpo/ppo and earlier.reward for ppo; set by experiments.
   c.earlier = ml_collections.ConfigDict()
@@ -158,6 +164,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f'{m.mask_prob} and mlm.random_prob={m.random_prob} >= 0 with a sum <= 1.')
   if config.lora.rank < 0:
     raise UserError(f'lora.rank={config.lora.rank} must be >= 0 (0 = full fine-tuning).')
+  if config.ppo.reward not in ('model', 'checker'):
+    raise UserError(f"ppo.reward={config.ppo.reward!r} is not one of ('model', 'checker').")
   if config.ppo.kl_estimator not in ('k1', 'k3'):
     raise UserError(f"ppo.kl_estimator={config.ppo.kl_estimator!r} is not one of ('k1', 'k3').")
   if config.stage == 'ppo' and (config.ppo.minibatch_size <= 0

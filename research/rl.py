@@ -127,17 +127,26 @@ def adaptive_beta(beta: float, kl: float, target: float, horizon: int, batch_siz
   return beta * (1 + error * batch_size / horizon)
 
 
-def dpo_loss(logp: jnp.ndarray, ref_logp: jnp.ndarray, beta: float) -> tuple[jnp.ndarray, dict]:
-  """-log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))), mean over pairs.
+def dpo_loss(logp: jnp.ndarray, ref_logp: jnp.ndarray, beta: float,
+             chosen_tokens: jnp.ndarray | None = None, nll_coef: float = 0.0
+             ) -> tuple[jnp.ndarray, dict]:
+  """-log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))), mean over pairs, plus nll_coef
+  times the chosen answers' mean per-token NLL -logp_c / chosen_tokens (RPO, Pang et al. 2024).
 
-  logp, ref_logp: summed completion log-probs [pairs, 2], chosen then rejected. Metrics: the
-  implicit rewards beta * (logp - ref_logp) of each side, their margin and how often it is > 0.
+  logp, ref_logp: summed completion log-probs [pairs, 2], chosen then rejected; chosen_tokens:
+  [pairs], the chosen completions' lengths (needed for the NLL term and its metric). Metrics: the
+  implicit rewards beta * (logp - ref_logp) of each side, their margin, how often it is > 0, and
+  the DPO term alone.
   """
   rewards = beta * (logp - ref_logp)
   margin = rewards[:, 0] - rewards[:, 1]
-  return -jax.nn.log_sigmoid(margin).mean(), {
-      'reward_chosen': rewards[:, 0].mean(), 'reward_rejected': rewards[:, 1].mean(),
-      'margin': margin.mean(), 'accuracy': (margin > 0).mean()}
+  loss = -jax.nn.log_sigmoid(margin).mean()
+  metrics = {'reward_chosen': rewards[:, 0].mean(), 'reward_rejected': rewards[:, 1].mean(),
+             'margin': margin.mean(), 'accuracy': (margin > 0).mean(), 'dpo_loss': loss}
+  if chosen_tokens is not None:
+    metrics['chosen_nll'] = -(logp[:, 0] / jnp.maximum(chosen_tokens, 1)).mean()
+    loss += nll_coef * metrics['chosen_nll']
+  return loss, metrics
 
 
 def join(prompts: jnp.ndarray, prompt_mask: jnp.ndarray, responses: jnp.ndarray,

@@ -152,6 +152,19 @@ def test_dpo_loss_is_log2_at_init_and_its_gradient_raises_chosen(tok, lm_params)
   np.testing.assert_allclose(logp[i, 0], (lp * weights).sum(), rtol=1e-5)
 
 
+def test_dpo_nll_term_is_the_chosen_per_token_nll():
+  logp = jnp.array([[-2.0, -1.0], [-6.0, -3.0]])
+  tokens = jnp.array([2.0, 3.0])
+  plain, _ = rl.dpo_loss(logp, logp, 0.1)
+  loss, metrics = rl.dpo_loss(logp, logp, 0.1, tokens, nll_coef=0.5)
+  assert float(metrics['chosen_nll']) == pytest.approx((2 / 2 + 6 / 3) / 2)
+  assert float(loss) == pytest.approx(float(plain) + 0.5 * 1.5)
+  # The NLL term pushes the chosen log-probs up and leaves the rejected ones alone.
+  grad = jax.grad(lambda lp: rl.dpo_loss(lp, logp, 0.1, tokens, 1.0)[0] - rl.dpo_loss(
+      lp, logp, 0.1)[0])(logp)
+  assert (grad[:, 0] < 0).all() and (grad[:, 1] == 0).all()
+
+
 def test_reward_is_read_at_the_last_token_whatever_the_padding(tok, lm_params):
   model = ScalarLM(CFG)
   params = init_scalar_head(CFG, jax.random.key(1), lm_params)
@@ -181,14 +194,25 @@ def test_rollout_of_the_reference_policy_has_zero_kl(tok, lm_params):
   prompts = [tok.apply_chat_template([{'role': 'user', 'content': q}], add_generation_prompt=True)
              for q in ('What is 1 plus 2?', 'Sort 3 1.')]
   tokens, mask = decoding.left_pad(prompts, tok.pad_id)
-  out, metrics = ppo.rollout_step(models, params, tokens, mask, jax.random.key(0),
-                                  jnp.float32(0.05))
+  responses = ppo.sample_responses(models, params, tokens, mask, jax.random.key(0))
+  out, metrics = ppo.rollout_step(models, params, tokens, mask, responses, jnp.float32(0.05))
   assert float(metrics['kl']) == 0.0 and float(metrics['non_score_reward']) == 0.0
   for k in ('logp', 'values', 'advantages', 'returns'):
     assert out[k].dtype == jnp.float32
   assert out['mask'].shape == (2, 6) and (out['mask'][:, 0] == 1).all()
   loss, m = ppo.ppo_loss(models, params, out)
   assert np.isfinite(float(loss)) and float(m['approx_kl']) == pytest.approx(0.0, abs=1e-6)
+  # The PPO value model starts at 0 everywhere.
+  zero = ppo.values(models, ppo.init_value(CFG, lm_params), out)
+  assert float(jnp.abs(zero).max()) == 0.0
+  # A checker's scores replace the reward model's: with KL 0 the returns hold exactly them.
+  checked, metrics = ppo.rollout_step(models, params, tokens, mask, responses, jnp.float32(0.05),
+                                      np.array([1.0, 0.0], np.float32))
+  last = np.asarray(checked['mask'].sum(1)).astype(int) - 1
+  np.testing.assert_allclose(metrics['rm_reward'], 0.5)
+  has_eos = np.asarray((responses == tok.eos_id).any(1))
+  want = np.array([1.0, 0.0]) - cfg.ppo.missing_eos_penalty * ~has_eos
+  np.testing.assert_allclose(checked['returns'][np.arange(2), last], want, atol=1e-6)
 
 
 def test_preference_lines_are_checked(tmp_path):
@@ -221,6 +245,34 @@ def test_built_in_pairs_are_right_against_wrong():
     assert not synthetic.is_correct(pair.rejected, p)
   near = [preferences.nearly_right(p, np.random.default_rng(0)) for p in problems]
   assert all(n != p.answer for n, p in zip(near, problems))
+
+
+def test_nearly_right_sorted_lists_include_one_digit_off_and_stay_sorted():
+  """The SFT policy's sorting mistakes are mostly a sorted list with one digit off by one; the
+  built-in hard negatives must include those, not only unsorted lists."""
+  problems = synthetic.problems('train', 300, 0, kinds=('sort',))
+  rng = np.random.default_rng(0)
+  near = [preferences.nearly_right(p, rng).split() for p in problems]
+  off_by_one = [n for n, p in zip(near, problems)
+                if n == sorted(n) and len(n) == len(p.answer.split())
+                and sum(abs(int(a) - int(b)) for a, b in zip(n, p.answer.split())) >= 1]
+  assert 0.4 < len(off_by_one) / len(problems) < 0.9
+  assert all(n != p.answer.split() for n, p in zip(near, problems))
+
+
+def test_task_kinds_are_chosen_and_checked():
+  assert {p.kind for p in synthetic.problems('held_out', 20, 0, kinds=('sort', 'count'))} == {
+      'sort', 'count'}
+  with pytest.raises(UserError, match=r"\['sorting'\] not among the built-in kinds"):
+    synthetic.problems('train', 5, 0, kinds=('sorting',))
+
+
+def test_ranking_auc_matches_a_hand_count():
+  scores = np.array([3.0, 1.0, 2.0, 1.0])
+  correct = np.array([True, False, True, True])
+  # Right {3, 2, 1} against wrong {1}: 3 > 1, 2 > 1, 1 = 1 (a tie counts half) -> 2.5 / 3.
+  assert reward.ranking_auc(scores, correct) == pytest.approx(2.5 / 3)
+  assert math.isnan(reward.ranking_auc(scores, np.ones(4, bool)))
 
 
 @pytest.mark.slow

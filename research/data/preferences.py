@@ -5,8 +5,9 @@ A JSONL record is one of the usual conventions:
   {"chosen": [{"role", "content"}, ...], "rejected": [...]}   conversations that differ in their
                                                                last (assistant) message
 The built-in pairs come from the verifiable task (research/data/synthetic.py): the chosen answer
-is the correct one, the rejected one wrong; half of them nearly right (an off-by-one number, two
-digits of a sorted list swapped, a unit factor off by ten), half another problem's answer.
+is the correct one, the rejected one wrong; half of them nearly right (an off-by-one number, a
+sorted list with one digit off by one or two digits swapped, a unit factor off by ten), half
+another problem's answer.
 """
 
 import dataclasses
@@ -56,8 +57,14 @@ def read_jsonl(path: str) -> list[Pair]:
 
 def nearly_right(problem: synthetic.Problem, rng: np.random.Generator) -> str:
   """A wrong answer close to the right one, of the kind a weak model gives."""
-  if problem.kind == 'sort':
+  if problem.kind == 'sort':  # One digit off by one (still sorted), or two digits swapped.
     digits = problem.answer.split()
+    i = int(rng.integers(len(digits)))
+    changed = [int(d) for d in digits]
+    changed[i] = min(max(changed[i] + int(rng.choice([-1, 1])), 0), 9)
+    changed = [str(d) for d in sorted(changed)]
+    if rng.random() < 2 / 3 and changed != digits:
+      return ' '.join(changed)
     if len(set(digits)) > 1:
       while True:
         i = int(rng.integers(len(digits) - 1))

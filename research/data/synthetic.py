@@ -11,8 +11,11 @@ ever appears in the train split, whatever the seed or the number drawn.
 
 import dataclasses
 import zlib
+from typing import Sequence
 
 import numpy as np
+
+from research.errors import UserError
 
 KINDS = ('add', 'subtract', 'convert', 'sort', 'count')
 HELD_OUT_FRACTION = 0.1
@@ -57,12 +60,16 @@ def is_held_out(prompt: str) -> bool:
   return zlib.crc32(prompt.encode()) / 2**32 < HELD_OUT_FRACTION
 
 
-def problems(split: str, n: int, seed: int) -> list[Problem]:
-  """`n` problems of `split` ('train' or 'held_out'), the kinds in turn; the same for a seed."""
+def problems(split: str, n: int, seed: int, kinds: Sequence[str] = KINDS) -> list[Problem]:
+  """`n` problems of `split` ('train' or 'held_out'), `kinds` in turn; the same for a seed."""
+  unknown = sorted(set(kinds) - set(KINDS))
+  if unknown or not kinds:
+    raise UserError(f'sft.kinds={tuple(kinds)}: {unknown or "none"} not among the built-in kinds '
+                    f'{KINDS}; pick some of those.')
   rng = np.random.default_rng([seed, split == 'held_out'])
   out = []
   while len(out) < n:
-    p = make_problem(KINDS[len(out) % len(KINDS)], rng)
+    p = make_problem(kinds[len(out) % len(kinds)], rng)
     if is_held_out(p.prompt) == (split == 'held_out'):
       out.append(p)
   return out

@@ -4,7 +4,10 @@ trained on preference pairs with the Bradley-Terry loss -log sigmoid(r_chosen - 
 Starts from `train.init_from`, else trains `earlier.sft` in <workdir>/sft first. After training,
 a gain and bias are fitted so that the rewards of the SFT policy's own samples have mean 0 and
 std 1 (Stiennon et al. 2020); they are stored in <workdir>/reward_norm.json and applied by `load`.
-Held-out pairwise accuracy (overall and per task kind) goes to <workdir>/reward.json.
+Held-out pairwise accuracy (overall and per task kind) goes to <workdir>/reward.json; with the
+built-in pairs also how well the reward ranks the SFT policy's own samples (checked against the
+right answers): the figure that decides whether PPO can learn from it, which pair accuracy on
+hand-made negatives can overstate.
 """
 
 import copy
@@ -53,10 +56,9 @@ def load_pairs(config: ml_collections.ConfigDict
     train = [p for p, h in zip(pairs, held) if not h]
     held_out = [p for p, h in zip(pairs, held) if h]
   else:
-    train = preferences.task_pairs(synthetic.problems('train', r.num_train, config.seed),
-                                   config.seed)
-    held_out = preferences.task_pairs(
-        synthetic.problems('held_out', r.num_held_out, config.seed), config.seed + 1)
+    train, held_out = (preferences.task_pairs(
+        synthetic.problems(split, n, config.seed, config.sft.kinds), config.seed + offset)
+        for split, n, offset in (('train', r.num_train, 0), ('held_out', r.num_held_out, 1)))
   if not train or not held_out:
     raise UserError(f'the preference data has {len(train)} train and {len(held_out)} held-out '
                     'pairs; both need some: add pairs or change reward.held_out_fraction.')
@@ -126,22 +128,30 @@ def prompt_batches(tok: tokenizers.Tokenizer, prompts: Sequence[list[dict[str, s
           for i in range(0, len(ids), batch_size)]
 
 
-def fit_normalisation(config: ml_collections.ConfigDict, reward: RewardModel, policy: nn.Module,
-                      policy_params: Any, tok: tokenizers.Tokenizer,
-                      prompts: Sequence[list[dict[str, str]]]) -> tuple[float, float]:
-  """(gain, bias) making the rewards of the policy's samples on `prompts` mean 0, std 1."""
-  raw = RewardModel(reward.model, reward.params, 1.0, 0.0)
+def policy_samples(config: ml_collections.ConfigDict, reward: RewardModel, policy: nn.Module,
+                   policy_params: Any, tok: tokenizers.Tokenizer,
+                   prompts: Sequence[list[dict[str, str]]]) -> tuple[list[str], np.ndarray]:
+  """The policy's replies to `prompts` (sampled as PPO will: ppo.temperature and
+  ppo.max_new_tokens) and their rewards [len(prompts)]."""
   key = jax.random.key(config.seed)
-  scores = []
+  replies, scores = [], []
   for i, (tokens, mask) in enumerate(prompt_batches(tok, prompts, config.train.batch_size)):
-    _, s = sample_and_score(policy, policy_params, raw, tokens, mask, jax.random.fold_in(key, i),
+    r, s = sample_and_score(policy, policy_params, reward, tokens, mask, jax.random.fold_in(key, i),
                             max_new_tokens=config.ppo.max_new_tokens,
                             temperature=config.ppo.temperature, eos_id=tok.eos_id,
                             pad_id=tok.pad_id)
+    replies += [tok.decode(x) for x in np.asarray(r)]
     scores.append(np.asarray(s))
-  scores = np.concatenate(scores)[:len(prompts)]
-  gain = 1.0 / max(float(scores.std()), 1e-6)
-  return gain, -float(scores.mean()) * gain
+  return replies[:len(prompts)], np.concatenate(scores)[:len(prompts)]
+
+
+def ranking_auc(scores: np.ndarray, correct: np.ndarray) -> float:
+  """P(score of a correct reply > score of a wrong one) over all such pairs (ties count half);
+  nan without both kinds."""
+  right, wrong = scores[correct], scores[~correct]
+  if not len(right) or not len(wrong):
+    return float('nan')
+  return float(np.mean((right[:, None] > wrong[None]) + 0.5 * (right[:, None] == wrong[None])))
 
 
 def load(workdir: str) -> tuple[tokenizers.Tokenizer, RewardModel]:
@@ -209,11 +219,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
             **{f'accuracy/{k}': float(np.mean([r for r, w in zip(right, kinds) if w == k]))
                for k in sorted(set(kinds) & set(synthetic.KINDS))}}
   print(f'reward model held-out pairwise accuracy: {report}', flush=True)
+  # Normalisation: the rewards of the SFT policy's own samples get mean 0 and std 1.
   _, _, policy, policy_params = pretrain.load_trained(config.train.init_from)
-  gain, bias = fit_normalisation(
-      config, RewardModel(model, result.params, 1.0, 0.0), policy, policy_params, tok,
-      [p.prompt for p in train[:config.reward.normalise_samples]])
+  some = train[:config.reward.normalise_samples]
+  replies, raw = policy_samples(config, RewardModel(model, result.params, 1.0, 0.0), policy,
+                                policy_params, tok, [p.prompt for p in some])
+  gain = 1.0 / max(float(raw.std()), 1e-6)
+  bias = -float(raw.mean()) * gain
   print(f'reward normalisation: gain {gain:.4g}, bias {bias:.4g}', flush=True)
+  if not config.reward.path:  # Built-in pairs: the chosen answer is the right one, so the
+    # policy's samples can be checked: does the reward rank its right replies above its wrong?
+    correct = np.array([r.strip() == p.chosen.strip() for r, p in zip(replies, some)])
+    report.update(policy_samples_correct=float(correct.mean()),
+                  policy_samples_auc=ranking_auc(raw, correct))
+    print(f'on {len(some)} samples of the SFT policy ({correct.mean():.1%} right): '
+          f'P(reward of a right reply > a wrong one) = {report["policy_samples_auc"]:.3f}',
+          flush=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'reward.json'), 'w') as f:
       json.dump(report, f, indent=2)

@@ -116,7 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     runs = {'pretrain': pretrained, **runs}
 
   tok, rm = reward.load(reward_dir)
-  _, held_out = sft.load_records(e.sft)
+  _, held_out = sft.load_records(e.ppo)  # The task PPO trains on (sft.kinds may be a subset).
   _, _, _, ref_params = pretrain.load_trained(runs['sft'])
   rows = {name: evaluate(e.ppo, d, ref_params, rm, tok, held_out) for name, d in runs.items()}
   if jax.process_index() == 0:

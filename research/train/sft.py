@@ -47,8 +47,8 @@ def load_records(config: ml_collections.ConfigDict
   if s.path:
     train, held_out = sft_data.split(sft_data.read_jsonl(s.path), s.held_out_fraction)
   else:
-    train = sft_data.task_records(synthetic.problems('train', s.num_train, config.seed))
-    held_out = sft_data.task_records(synthetic.problems('held_out', s.num_held_out, config.seed))
+    train, held_out = (sft_data.task_records(synthetic.problems(split, n, config.seed, s.kinds))
+                       for split, n in (('train', s.num_train), ('held_out', s.num_held_out)))
   if not train or not held_out:
     raise UserError(f'the SFT data has {len(train)} train and {len(held_out)} held-out records; '
                     'both need some: add records or change sft.held_out_fraction.')
