@@ -13,7 +13,8 @@ table compares the policies on 200 held-out sorting questions.
 
 Measured (2 CPU cores, 2026-12-01): 20 min 19 s end to end (sft with its pretraining 6:44,
 reward 7:40, ppo 2:18 for 80 iterations - 2:29 rerun with the zero value head -, dpo 3:16).
-Reward model: 91.7% held-out pair accuracy, 0.69 on the SFT policy's own samples. SFT and reward model seed 0; PPO and DPO seeds:
+Reward model: 91.7% held-out pair accuracy, 0.69 on the SFT policy's own samples. SFT and
+reward model seed 0; PPO and DPO seeds:
   | policy   | seed 0: accuracy | KL to SFT | seed 1: accuracy | KL to SFT |
   | pretrain |  0.0%            | 211.8     |  0.0%            | 214.1     |
   | sft      | 83.5%            | 0         | 83.5%            | 0         |
