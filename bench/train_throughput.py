@@ -48,18 +48,24 @@ def workload(name: str):
   return c, CHAR_VOCAB
 
 
-def bench(config, vocab: int, steps: int, warmup: int) -> dict:
-  t = config.train
+def setup(config, vocab: int):
+  """(task, initial state, compiled train step, compile seconds) of the project's pretraining
+  step for `config`, on random token ids."""
   model = DecoderLM(config_lib.model_config(config, vocab))
   tokens = np.random.default_rng(0).integers(0, vocab, 200_000).astype(np.uint16)
   task = pretrain.make_task(config, model, tokens, tokens)
-  tx = make_optimizer(t)
+  tx = make_optimizer(config.train)
   state = jax.jit(lambda k: loop.TrainState(p := task.init_params(k), tx.init(p)))(
       jax.random.key(0))
-  batch = task.train_batch(0, 0, slice(None))
   t0 = time.perf_counter()
-  step_fn = loop.make_train_step(task, tx, 0).lower(state, batch, np.int32(0)).compile()
-  compile_sec = time.perf_counter() - t0
+  step_fn = loop.make_train_step(task, tx, 0).lower(
+      state, task.train_batch(0, 0, slice(None)), np.int32(0)).compile()
+  return task, state, step_fn, time.perf_counter() - t0
+
+
+def bench(config, vocab: int, steps: int, warmup: int) -> dict:
+  t = config.train
+  task, state, step_fn, compile_sec = setup(config, vocab)
   times, data_times = [], []
   for i in range(warmup + steps):
     t0 = time.perf_counter()

@@ -10,8 +10,8 @@ to the loss (dpo.nll_coef=1, RPO; 0 = plain DPO).
 
 Measured (2 CPU cores, 2026-12-01, SFT policy 83.5% on 200 held-out sorting questions), 300 steps
 in 3 min 16 s: held-out exact match 83.5% -> 91.5% (seed 0), 83.5% -> 94.5% (seed 1);
-implicit-reward pair accuracy 0.99. Plain DPO (nll_coef=0): 83.5% -> 81.5% with pair accuracy 0.98 - the margin
-grew by pushing the rejected answers down while the chosen ones did not rise.
+implicit-reward pair accuracy 0.99. Plain DPO (nll_coef=0): 83.5% -> 81.5% with pair accuracy
+0.98 - the margin grew by pushing the rejected answers down while the chosen ones did not rise.
 """
 
 from experiments import sft_small
