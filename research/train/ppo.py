@@ -14,10 +14,11 @@ Starts from `train.init_from` (the SFT run; else `earlier.sft` is trained in <wo
 `ppo.reward_from` (else `earlier.reward` is trained in <workdir>/reward). With
 ppo.reward='checker' the score is instead 1 for a reply that matches the record's answer exactly,
 else 0 (a verifiable reward, as in RLVR): no reward model, and the upper bound of what a reward
-model of that task can give PPO. Logs per iteration the
-true task score of the samples (the verifier), RM reward, KL, entropy, clip fraction, approx KL,
-explained variance, response length and beta; every train.eval_every iterations the held-out
-greedy exact match. Writes ppo.png, exact_match.json and resumable checkpoints.
+model of that task can give PPO.
+
+Logs per iteration the true task score of the samples (the verifier), RM reward, KL, entropy,
+clip fraction, approx KL, explained variance, response length and beta; every
+train.eval_every iterations the held-out greedy exact match. Writes ppo.png, exact_match.json and resumable checkpoints.
 """
 
 import copy
