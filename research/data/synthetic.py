@@ -75,6 +75,10 @@ def problems(split: str, n: int, seed: int, kinds: Sequence[str] = KINDS) -> lis
   return out
 
 
+def matches(reply: str, answer: str) -> bool:
+  """The checker of every stage: exact match after stripping surrounding whitespace."""
+  return reply.strip() == answer.strip()
+
+
 def is_correct(reply: str, problem: Problem) -> bool:
-  """Exact match after stripping surrounding whitespace."""
-  return reply.strip() == problem.answer
+  return matches(reply, problem.answer)

@@ -41,6 +41,7 @@ from research import rl
 from research import tokenizers
 from research.checkpoint import Checkpointer
 from research.data import sft as sft_data
+from research.data import synthetic
 from research.errors import UserError
 from research.nn.config import ModelConfig
 from research.nn.transformer import DecoderLM, ScalarLM, init_scalar_head
@@ -226,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       idx = rng.choice(len(records), t.batch_size, replace=False)
       responses = sample_responses(models, state['params'], prompts[idx], prompt_mask[idx],
                                    jax.random.fold_in(key, it))
-      right = np.array([tok.decode(r).strip() == records[i].messages[-1]['content'].strip()
+      right = np.array([synthetic.matches(tok.decode(r), records[i].messages[-1]['content'])
                         for r, i in zip(np.asarray(responses), idx)], np.float32)
       task_score = float(right.mean())
       rollout, metrics = rollout_step(models, state['params'], prompts[idx], prompt_mask[idx],

@@ -229,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   print(f'reward normalisation: gain {gain:.4g}, bias {bias:.4g}', flush=True)
   if not config.reward.path:  # Built-in pairs: the chosen answer is the right one, so the
     # policy's samples can be checked: does the reward rank its right replies above its wrong?
-    correct = np.array([r.strip() == p.chosen.strip() for r, p in zip(replies, some)])
+    correct = np.array([synthetic.matches(r, p.chosen) for r, p in zip(replies, some)])
     report.update(policy_samples_correct=float(correct.mean()),
                   policy_samples_auc=ranking_auc(raw, correct))
     print(f'on {len(some)} samples of the SFT policy ({correct.mean():.1%} right): '

@@ -24,6 +24,7 @@ from research import decoding
 from research import rl
 from research import tokenizers
 from research.data import sft as sft_data
+from research.data import synthetic
 from research.errors import UserError
 from research.train import pretrain, reward, sft, stages
 
@@ -67,7 +68,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, ref_params: Any,
       model, params, ref_params, rm, prompts, mask, jax.random.key(config.seed),
       max_new_tokens=config.ppo.max_new_tokens, temperature=config.ppo.temperature,
       eos_id=tok.eos_id, pad_id=tok.pad_id))
-  right = [tok.decode(g).strip() == r.messages[-1]['content'].strip()
+  right = [synthetic.matches(tok.decode(g), r.messages[-1]['content'])
            for g, r in zip(greedy, held_out)]
   return {'accuracy': float(np.mean(right)), 'rm_reward': float(rewards.mean()),
           'kl_to_sft': float(kl.mean())}

@@ -82,7 +82,7 @@ def exact_match(model: DecoderLM, params: Any, tok: tokenizers.Tokenizer,
   s.update(dict(strategy='greedy', max_new_tokens=max_new_tokens))
   prompts = [decoding.chat_prompt(tok, r.messages[:-1]) for r in records]
   replies = decoding.generate(model, params, tok, prompts, s, jax.random.key(0))
-  return [tok.decode(reply).strip() == r.messages[-1]['content'].strip()
+  return [synthetic.matches(tok.decode(reply), r.messages[-1]['content'])
           for reply, r in zip(replies, records)]
 
 
