@@ -31,7 +31,8 @@ def get_config():
   c.stage = 'reward'
   c.earlier.sft = sft_small.get_config()
   c.sft.kinds = ('sort',)  # The pairs: see the docstring.
-  c.train.update(steps=600, batch_size=32, seq_len=64, learning_rate=1e-3, warmup_steps=40,
-                 weight_decay=0.0, eval_every=100, eval_batches=8, checkpoint_every=200,
-                 log_every=25)
+  c.reward.policy_pairs = 48000  # ~15k wrong replies of the SFT policy: see the docstring.
+  c.train.update(steps=2000, batch_size=32, seq_len=32, learning_rate=1e-3, warmup_steps=40,
+                 weight_decay=0.0, eval_every=250, eval_batches=8, checkpoint_every=500,
+                 log_every=50)
   return c

@@ -77,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
       num_held_out=400,
       held_out_fraction=0.05,  # a .jsonl: the share held out.
       normalise_samples=256,  # SFT-policy samples whose rewards are made mean 0, std 1.
+      # Built-in pairs: also the SFT policy's wrong replies (at ppo.temperature) to this many
+      # train problems, each against the right answer: on-policy negatives.
+      policy_pairs=0,
   ))
   # PPO (research/train/ppo.py); train.steps counts rollout iterations, train.batch_size is the
   # number of prompts per rollout.
@@ -172,6 +175,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                or t.batch_size % config.ppo.minibatch_size):
     raise UserError(f'train.batch_size={t.batch_size} (rollouts per iteration) must be a multiple '
                     f'of ppo.minibatch_size={config.ppo.minibatch_size}.')
+  if config.reward.policy_pairs and config.reward.path:
+    raise UserError(f'reward.policy_pairs={config.reward.policy_pairs} needs the built-in pairs '
+                    f'(their answers are checked), not reward.path={config.reward.path!r}; set '
+                    'one of them.')
   if config.sft.overlong not in ('truncate', 'skip'):
     raise UserError(f"sft.overlong={config.sft.overlong!r} is not one of ('truncate', 'skip').")
 

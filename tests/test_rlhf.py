@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from research import config as config_lib
 from research import decoding
 from research import rl
 from research import sweep
@@ -247,17 +248,23 @@ def test_built_in_pairs_are_right_against_wrong():
   assert all(n != p.answer for n, p in zip(near, problems))
 
 
-def test_nearly_right_sorted_lists_include_one_digit_off_and_stay_sorted():
-  """The SFT policy's sorting mistakes are mostly a sorted list with one digit off by one; the
-  built-in hard negatives must include those, not only unsorted lists."""
-  problems = synthetic.problems('train', 300, 0, kinds=('sort',))
+def test_nearly_right_sorted_lists_are_mostly_sorted_with_one_digit_changed():
+  """The SFT policy's sorting mistakes are mostly a sorted list with one digit off by one or
+  copied from its neighbour; the built-in hard negatives must include both, not only unsorted
+  lists."""
+  problems = synthetic.problems('train', 400, 0, kinds=('sort',))
   rng = np.random.default_rng(0)
   near = [preferences.nearly_right(p, rng).split() for p in problems]
-  off_by_one = [n for n, p in zip(near, problems)
-                if n == sorted(n) and len(n) == len(p.answer.split())
-                and sum(abs(int(a) - int(b)) for a, b in zip(n, p.answer.split())) >= 1]
-  assert 0.4 < len(off_by_one) / len(problems) < 0.9
-  assert all(n != p.answer.split() for n, p in zip(near, problems))
+  answers = [p.answer.split() for p in problems]
+  assert all(n != a for n, a in zip(near, answers))
+  one_changed = [(n, a) for n, a in zip(near, answers)
+                 if n == sorted(n) and len(n) == len(a) and sum(x != y for x, y in zip(n, a)) == 1]
+  copies = [n for n, a in one_changed if len(set(n)) < len(set(a))]
+  off_by_one = [n for n, a in one_changed if sorted(map(int, n)) != sorted(map(int, a))
+                and sum(abs(int(x) - int(y)) for x, y in zip(n, a)) == 1]
+  unsorted = [n for n in near if n != sorted(n)]
+  assert 0.25 < len(copies) / len(near) < 0.55 and 0.2 < len(off_by_one) / len(near) < 0.55
+  assert 0.1 < len(unsorted) / len(near) < 0.35
 
 
 def test_task_kinds_are_chosen_and_checked():
@@ -267,12 +274,28 @@ def test_task_kinds_are_chosen_and_checked():
     synthetic.problems('train', 5, 0, kinds=('sorting',))
 
 
-def test_ranking_auc_matches_a_hand_count():
-  scores = np.array([3.0, 1.0, 2.0, 1.0])
-  correct = np.array([True, False, True, True])
-  # Right {3, 2, 1} against wrong {1}: 3 > 1, 2 > 1, 1 = 1 (a tie counts half) -> 2.5 / 3.
-  assert reward.ranking_auc(scores, correct) == pytest.approx(2.5 / 3)
-  assert math.isnan(reward.ranking_auc(scores, np.ones(4, bool)))
+def test_policy_pair_accuracy_matches_a_hand_count():
+  scores = np.array([[3.0, 0.0, 5.0], [1.0, 2.0, 5.0], [1.0, 1.0, 5.0]])  # [samples, prompts]
+  correct = np.array([[True, True, True], [False, False, True], [True, False, True]])
+  # Prompt 0: right {3, 1} vs wrong {1}: 1 + 0.5 (a tie). Prompt 1: right {0} vs wrong {2, 1}: 0.
+  # Prompt 2: no wrong reply. The right 3 of prompt 0 against prompt 1's wrong 2 does not count.
+  assert reward.policy_pair_accuracy(scores, correct) == pytest.approx(1.5 / 4)
+  assert math.isnan(reward.policy_pair_accuracy(scores, np.ones((3, 3), bool)))
+
+
+def test_policy_pairs_are_the_wrong_replies_against_the_answer(monkeypatch):
+  config = default_config()
+  config.sft.kinds = ('sort',)
+  config.reward.policy_pairs = 4
+  problems = synthetic.problems('train', 4, config.seed + 2, ('sort',))
+  replies = [problems[0].answer, ' ' + problems[1].answer + ' ', '9 9', '']  # Two right.
+  monkeypatch.setattr(reward, 'policy_samples', lambda *args, **kwargs: (replies, None))
+  pairs = reward.policy_pairs(config, None, None, None)
+  assert [(p.prompt[0]['content'], p.chosen, p.rejected) for p in pairs] == [
+      (problems[2].prompt, problems[2].answer, '9 9'), (problems[3].prompt, problems[3].answer, '')]
+  config.reward.path = 'pairs.jsonl'
+  with pytest.raises(UserError, match='reward.policy_pairs=4 needs the built-in pairs'):
+    config_lib.validate(config)
 
 
 @pytest.mark.slow
@@ -285,7 +308,8 @@ def test_rlhf_pipeline_runs_end_to_end_through_launch(tmp_path):
                f'--config.earlier.{stage}.train.eval_every={steps}',
                f'--config.earlier.{stage}.sft.num_held_out=64']
   shrink += ['--config.earlier.sft.sft.pretrain.steps=10',
-             '--config.earlier.reward.reward.normalise_samples=64']
+             '--config.earlier.reward.reward.normalise_samples=64',
+             '--config.earlier.reward.reward.policy_pairs=256']
   cmd = [sys.executable, sweep.LAUNCH, '--experiment=rlhf_small', f'--workdir={tmp_path}'] + shrink
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
   assert out.returncode == 0, out.stderr[-2000:]

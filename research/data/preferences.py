@@ -6,7 +6,7 @@ A JSONL record is one of the usual conventions:
                                                                last (assistant) message
 The built-in pairs come from the verifiable task (research/data/synthetic.py): the chosen answer
 is the correct one, the rejected one wrong; half of them nearly right (an off-by-one number, a
-sorted list with one digit off by one or two digits swapped, a unit factor off by ten), half
+sorted list with one digit changed or two digits swapped, a unit factor off by ten), half
 another problem's answer.
 """
 
@@ -55,23 +55,30 @@ def read_jsonl(path: str) -> list[Pair]:
                              '{"prompt", "chosen", "rejected"} records')
 
 
+def nearly_sorted(answer: str, rng: np.random.Generator) -> str:
+  """A wrong reply to a sorting question: mostly still sorted with one digit changed, off by one
+  or copied from its neighbour (the SFT policy's usual mistakes: "3 6 9 9" for "3 6 8 9" can
+  only be caught by counting), else two digits swapped, else (all digits equal) one too few."""
+  digits = [int(d) for d in answer.split()]
+  i = int(rng.integers(len(digits)))
+  off = list(digits)
+  off[i] = min(max(off[i] + int(rng.choice([-1, 1])), 0), 9)
+  copied = list(digits)
+  copied[i] = digits[i - 1] if i == len(digits) - 1 or (i and rng.random() < 0.5) else digits[i + 1]
+  swapped = list(digits)
+  j = next((j for j in rng.permutation(len(digits) - 1) if digits[j] != digits[j + 1]), 0)
+  swapped[j], swapped[j + 1] = digits[j + 1], digits[j]
+  first = [sorted(off), copied][int(rng.random() < 0.5)]
+  for wrong in [first, swapped] if rng.random() < 0.8 else [swapped, first]:
+    if wrong != digits:
+      return ' '.join(map(str, wrong))
+  return ' '.join(map(str, digits[:-1]))
+
+
 def nearly_right(problem: synthetic.Problem, rng: np.random.Generator) -> str:
   """A wrong answer close to the right one, of the kind a weak model gives."""
-  if problem.kind == 'sort':  # One digit off by one (still sorted), or two digits swapped.
-    digits = problem.answer.split()
-    i = int(rng.integers(len(digits)))
-    changed = [int(d) for d in digits]
-    changed[i] = min(max(changed[i] + int(rng.choice([-1, 1])), 0), 9)
-    changed = [str(d) for d in sorted(changed)]
-    if rng.random() < 2 / 3 and changed != digits:
-      return ' '.join(changed)
-    if len(set(digits)) > 1:
-      while True:
-        i = int(rng.integers(len(digits) - 1))
-        if digits[i] != digits[i + 1]:
-          digits[i], digits[i + 1] = digits[i + 1], digits[i]
-          return ' '.join(digits)
-    return ' '.join(digits[:-1])  # All equal: one digit too few.
+  if problem.kind == 'sort':
+    return nearly_sorted(problem.answer, rng)
   n = int(problem.answer)
   deltas = {'convert': (9 * n, n // 10 - n), 'count': (-1, 1)}.get(problem.kind,
                                                                     (-10, -2, -1, 1, 2, 10))

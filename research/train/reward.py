@@ -35,6 +35,8 @@ from research.errors import UserError
 from research.nn.transformer import ScalarLM, init_scalar_head
 from research.train import loop, pretrain, stages
 
+POLICY_SAMPLES_PER_PROMPT = 4  # For the pair accuracy on the SFT policy's own replies.
+SAMPLING_BATCH = 256  # Prompts answered at once by `policy_samples`.
 
 def earlier_run(config: ml_collections.ConfigDict, workdir: str, name: str) -> str:
   """The workdir of an earlier stage: given, else `earlier.<name>` trained in <workdir>/<name>."""
@@ -105,14 +107,17 @@ class RewardModel:
 
 
 @functools.partial(jax.jit, static_argnames=('policy', 'max_new_tokens', 'temperature'))
-def sample_and_score(policy: nn.Module, policy_params: Any, reward: RewardModel,
+def sample_and_score(policy: nn.Module, policy_params: Any, reward: RewardModel | None,
                      prompts: jnp.ndarray, prompt_mask: jnp.ndarray, key: jax.Array, *,
                      max_new_tokens: int, temperature: float, eos_id: int, pad_id: int
-                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Responses [batch, max_new_tokens] sampled from `policy` and their rewards [batch]."""
+                     ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+  """Responses [batch, max_new_tokens] sampled from `policy` and their rewards [batch] (None
+  without a reward model)."""
   responses = decoding.sample(policy, policy_params, prompts, prompt_mask, key,
                               max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
                               top_p=1.0, eos_id=eos_id, pad_id=pad_id)
+  if reward is None:
+    return responses, None
   tokens, positions, segments, _ = rl.join(prompts, prompt_mask, responses, eos_id)
   return responses, reward.score(tokens, positions, segments)
 
@@ -128,30 +133,50 @@ def prompt_batches(tok: tokenizers.Tokenizer, prompts: Sequence[list[dict[str, s
           for i in range(0, len(ids), batch_size)]
 
 
-def policy_samples(config: ml_collections.ConfigDict, reward: RewardModel, policy: nn.Module,
-                   policy_params: Any, tok: tokenizers.Tokenizer,
-                   prompts: Sequence[list[dict[str, str]]]) -> tuple[list[str], np.ndarray]:
+def policy_samples(config: ml_collections.ConfigDict, policy: nn.Module, policy_params: Any,
+                   tok: tokenizers.Tokenizer, prompts: Sequence[list[dict[str, str]]],
+                   reward: RewardModel | None = None, seed: int = 0
+                   ) -> tuple[list[str], np.ndarray | None]:
   """The policy's replies to `prompts` (sampled as PPO will: ppo.temperature and
-  ppo.max_new_tokens) and their rewards [len(prompts)]."""
-  key = jax.random.key(config.seed)
+  ppo.max_new_tokens) and, given a reward model, their rewards [len(prompts)]."""
+  key = jax.random.fold_in(jax.random.key(config.seed), seed)
   replies, scores = [], []
-  for i, (tokens, mask) in enumerate(prompt_batches(tok, prompts, config.train.batch_size)):
+  batch_size = min(SAMPLING_BATCH, len(prompts))
+  for i, (tokens, mask) in enumerate(prompt_batches(tok, prompts, batch_size)):
     r, s = sample_and_score(policy, policy_params, reward, tokens, mask, jax.random.fold_in(key, i),
                             max_new_tokens=config.ppo.max_new_tokens,
                             temperature=config.ppo.temperature, eos_id=tok.eos_id,
                             pad_id=tok.pad_id)
     replies += [tok.decode(x) for x in np.asarray(r)]
-    scores.append(np.asarray(s))
-  return replies[:len(prompts)], np.concatenate(scores)[:len(prompts)]
+    scores.append(s)
+  if reward is None:
+    return replies[:len(prompts)], None
+  return replies[:len(prompts)], np.concatenate(jax.device_get(scores))[:len(prompts)]
 
 
-def ranking_auc(scores: np.ndarray, correct: np.ndarray) -> float:
-  """P(score of a correct reply > score of a wrong one) over all such pairs (ties count half);
-  nan without both kinds."""
-  right, wrong = scores[correct], scores[~correct]
-  if not len(right) or not len(wrong):
-    return float('nan')
-  return float(np.mean((right[:, None] > wrong[None]) + 0.5 * (right[:, None] == wrong[None])))
+def policy_pairs(config: ml_collections.ConfigDict, policy: nn.Module, policy_params: Any,
+                 tok: tokenizers.Tokenizer) -> list[preferences.Pair]:
+  """On-policy negatives: the policy answers reward.policy_pairs train problems of the built-in
+  task; each wrong reply (by the checker) becomes a pair (right answer, that reply)."""
+  problems = synthetic.problems('train', config.reward.policy_pairs, config.seed + 2,
+                                config.sft.kinds)
+  replies, _ = policy_samples(config, policy, policy_params, tok,
+                              [[{'role': 'user', 'content': p.prompt}] for p in problems], seed=2)
+  return [preferences.Pair(p.kind, [{'role': 'user', 'content': p.prompt}], p.answer, r)
+          for p, r in zip(problems, replies) if not synthetic.matches(r, p.answer)]
+
+
+def policy_pair_accuracy(scores: np.ndarray, correct: np.ndarray) -> float:
+  """P(a right reply scores above a wrong reply to the same prompt), over all such pairs (ties
+  count half), of scores and checks [samples, prompts]; nan without any. Within prompts, as the
+  Bradley-Terry loss and PPO's advantages (against a prompt-aware value) use rewards; across
+  prompts the rewards carry arbitrary per-prompt offsets."""
+  wins = pairs = 0.0
+  for s, c in zip(scores.T, correct.T):
+    right, wrong = s[c], s[~c]
+    wins += np.sum((right[:, None] > wrong[None]) + 0.5 * (right[:, None] == wrong[None]))
+    pairs += len(right) * len(wrong)
+  return float(wins / pairs) if pairs else float('nan')
 
 
 def load(workdir: str) -> tuple[tokenizers.Tokenizer, RewardModel]:
@@ -182,6 +207,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   cfg = config_lib.model_config(config, tok.vocab_size)
   model = ScalarLM(cfg)
   train, held_out = load_pairs(config)
+  _, _, policy, policy_params = pretrain.load_trained(config.train.init_from)
+  if config.reward.policy_pairs:
+    on_policy = policy_pairs(config, policy, policy_params, tok)
+    print(f'{len(on_policy)} wrong replies of the SFT policy to {config.reward.policy_pairs} train '
+          'problems added as rejected answers', flush=True)
+    train += on_policy
   t = config.train
   train_rows, train = preferences.encode_pairs(tok, train, t.seq_len)
   held_rows, held_out = preferences.encode_pairs(tok, held_out, t.seq_len)
@@ -220,21 +251,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
                for k in sorted(set(kinds) & set(synthetic.KINDS))}}
   print(f'reward model held-out pairwise accuracy: {report}', flush=True)
   # Normalisation: the rewards of the SFT policy's own samples get mean 0 and std 1.
-  _, _, policy, policy_params = pretrain.load_trained(config.train.init_from)
-  some = train[:config.reward.normalise_samples]
-  replies, raw = policy_samples(config, RewardModel(model, result.params, 1.0, 0.0), policy,
-                                policy_params, tok, [p.prompt for p in some])
+  trained = RewardModel(model, result.params, 1.0, 0.0)
+  n = config.reward.normalise_samples
+  _, raw = policy_samples(config, policy, policy_params, tok, [p.prompt for p in train[:n]],
+                          trained)
   gain = 1.0 / max(float(raw.std()), 1e-6)
   bias = -float(raw.mean()) * gain
   print(f'reward normalisation: gain {gain:.4g}, bias {bias:.4g}', flush=True)
   if not config.reward.path:  # Built-in pairs: the chosen answer is the right one, so the
     # policy's samples can be checked: does the reward rank its right replies above its wrong?
-    correct = np.array([synthetic.matches(r, p.chosen) for r, p in zip(replies, some)])
+    some, k = held_out[:n], POLICY_SAMPLES_PER_PROMPT
+    replies, raw = policy_samples(config, policy, policy_params, tok,
+                                  [p.prompt for p in some] * k, trained, seed=1)
+    correct = np.array([synthetic.matches(r, p.chosen) for r, p in zip(replies, some * k)])
     report.update(policy_samples_correct=float(correct.mean()),
-                  policy_samples_auc=ranking_auc(raw, correct))
-    print(f'on {len(some)} samples of the SFT policy ({correct.mean():.1%} right): '
-          f'P(reward of a right reply > a wrong one) = {report["policy_samples_auc"]:.3f}',
-          flush=True)
+                  policy_pair_accuracy=policy_pair_accuracy(raw.reshape(k, -1),
+                                                            correct.reshape(k, -1)))
+    print(f'SFT policy, {k} samples for each of {len(some)} held-out prompts ({correct.mean():.1%} '
+          'right): a right reply scores above a wrong one to the same prompt in '
+          f'{report["policy_pair_accuracy"]:.1%} of pairs', flush=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'reward.json'), 'w') as f:
       json.dump(report, f, indent=2)
