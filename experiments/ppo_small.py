@@ -13,17 +13,24 @@ On the sorting questions (sft.kinds, as reward_small). ppo.reward=checker scores
 exact match instead of a reward model (no reward model trained):
   python launch.py --experiment=ppo_small --config.ppo.reward=checker
 
-Measured (2 CPU cores, 2026-12-01; SFT policy 83.5% on 200 held-out sorting questions):
-- inside rlhf_small, 80 iterations in 2 min 29 s: seed 0 -> 84.0% (KL 0.17 nats per response),
-  seed 1 -> 82.0% (KL 0.13). No gain; KL bounded.
-- Why not: the reward model ranks the policy's own right replies above its wrong ones only 69% of
-  the time (reward_small). Same settings, rollouts at temperature 1.0, lr 5e-5, 80 iterations:
-  with the exact checker as reward (ppo.reward=checker) 83.5% -> 87.0%, rising at every eval (KL
-  0.26); with the reward model 83.5% -> 72.0% (60.5% at iteration 40, KL 0.58). At temperature
-  0.7 and lr 1e-5 even the checker stays flat (83.0%); at lr 1e-4 with the old random value head
-  the KL reached 4 nats by iteration 3, hence the zero head now. DPO with the NLL term: +8.
-- lr 1e-4 (before) with the reward model: 83.5% -> 54.5% after 20 iterations, KL 4-5 nats; 1e-5
-  (now) keeps the policy near the reference.
+Measured (inside rlhf_small, 2 CPU cores, 2026-12-02; SFT policy 83.5% on 200 held-out sorting
+questions): 300 iterations in 8 min 01 s; seed 0: held-out exact match at iterations 0, 25, ...,
+300: 83.5, 74.0, 79.0, 80.5, 84.0, 86.5, 88.5, 92.5, 93.0, 94.5, 94.0, 94.5, 96.5% (+13.0), KL
+to the SFT reference 0.49 nats per response; seed 1: SEED1.
+
+What it took (each change measured with the same SFT policy):
+- A reward model that ranks the policy's own replies (reward_small: on-policy negatives). Against
+  the earlier one (hand-made pairs only; right above wrong on the policy's replies 74% of the
+  time) PPO gained nothing: 84.0% / 82.0% (seeds 0 / 1) after 80 iterations.
+- Enough iterations at a high enough learning rate: lr 1e-5 (80 iterations) stayed flat even with
+  the exact checker as the reward; lr 1e-4 for 150 iterations gained little (checker 87.0%,
+  reward model 82.5%), 300-400 iterations did (checker 94.0%, reward model 92-96.5%). The cosine
+  decay steadies the end: at a constant 1e-4 the held-out score jumped between 84% and 96%.
+- The value head starts at zero (`init_value` in research/train/ppo.py): a random head drove
+  the KL to 4 nats in 3 iterations.
+- Rollouts at temperature 1.0 (0.7 before, with lr 1e-5: flat; 0.7 at lr 1e-4 not tried). The
+  SFT policy samples right 65-68% of the time at 1.0, yet 16 samples hold a right reply for
+  98.5% of the held-out questions: the room PPO has.
 """
 
 from experiments import reward_small

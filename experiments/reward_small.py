@@ -1,26 +1,39 @@
 """reward_small: a reward model (sft_small's GPT + a scalar head) on preference pairs of the
 built-in task's sorting questions: the right answer against a nearly right one (one digit off by
-one, still sorted, or two digits swapped) or another problem's answer.
+one or copied from its neighbour, still sorted, or two digits swapped) or another problem's
+answer.
 
   python launch.py --experiment=reward_small            # trains sft_small in <workdir>/sft first
   python launch.py --experiment=reward_small --config.train.init_from=runs/sft_small
   python launch.py --experiment=reward_small --config.reward.path=pairs.jsonl
 
-Held-out pairwise accuracy goes to <workdir>/reward.json, with policy_samples_auc: how often the
-reward ranks a right reply of the SFT policy above a wrong one (its own samples, at
-ppo.temperature); the reward normalisation (SFT samples -> mean 0, std 1) to reward_norm.json.
+Besides the hand-made pairs, the SFT policy answers 48000 train questions (reward.policy_pairs,
+at ppo.temperature) and each wrong reply, checked against the right answer, becomes a rejected
+answer: ~15k on-policy negatives, as labellers would rank the model's own samples.
+
+Held-out pairwise accuracy goes to <workdir>/reward.json, with policy_pair_accuracy: how often a
+right reply of the SFT policy to a held-out question scores above a wrong reply to the same
+question (4 samples per question); the reward normalisation (SFT samples -> mean 0, std 1) to
+reward_norm.json.
 
 Why sorting only (sft.kinds): trained on all five kinds (2026-11-28) the model was at chance on
 the held-out pairs of addition (54.5%), subtraction (51.9%) and counting (53.9%) - a 1.8M
 parameter model whose policy adds right 2.5% of the time cannot tell 85 from 86 - so PPO had
-nothing to learn from there. And pair accuracy on hand-made negatives overstates what PPO gets:
-with only swapped digits as near misses the model reached 99.2% held out, yet ranked the
-policy's own replies at chance (0.55), because the policy's mistakes are sorted lists with one
-digit off, hence those near misses now.
+nothing to learn from there.
 
-Measured (inside rlhf_small, 2 CPU cores, seed 0, 2026-12-01): 7 min 40 s for 600 steps; held-out
-pair accuracy 91.7% (384 pairs); on 256 samples of the SFT policy (71.9% right) P(right reply
-scores above a wrong one) = 0.69. 1200 steps: 94.3% and 0.64 - longer training does not fix it.
+Why on-policy negatives: pair accuracy on hand-made negatives overstated what PPO gets. With
+hand-made pairs alone (600 steps) the model reached 91.7% held out, yet ranked the policy's own
+right replies above its wrong ones only 74% of the time (same prompt) and PPO against it gained
+nothing (83.5% -> 84.0%). The policy's mistakes are sorted lists with one digit changed, often
+a digit copied from its neighbour ("3 6 9 9" for "3 6 8 9"), which only counting can catch. Same
+SFT policy, 8 samples for each of 200 held-out questions, pair accuracy on its own replies:
+hand-made pairs 74.4%; + 16000 questions' wrong replies, 1200 steps 86.0%; + 48000, 2000 steps
+94.7% (PPO against it: 83.5% -> 92.0%). Copied-digit near misses were added to the hand-made
+ones after these runs.
+
+Measured (inside rlhf_small, 2 CPU cores, seed 0, 2026-12-02): 9 min 48 s (2000 steps at 32
+pairs); held-out pair accuracy 95.6% (384 pairs); on the SFT policy's own replies (64.7% right)
+98.7%.
 """
 
 from experiments import sft_small

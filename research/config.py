@@ -88,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
       reward_from='',  # The reward model's workdir; '' = train one in <workdir>/reward first.
       temperature=1.0,  # Rollout sampling temperature (log-probs use the same one).
       max_new_tokens=16,
-      missing_eos_penalty=1.0,  # Subtracted from the score of a response without EOS.
+      missing_eos_penalty=3.0,  # A response without EOS scores minus this (not its RM score).
       kl_estimator='k1',  # k1 | k3 (research/rl.py).
       beta=0.05,  # KL coefficient; adaptive (Ziegler et al. 2019) when target_kl > 0.
       target_kl=0.0,

@@ -206,14 +206,15 @@ def test_rollout_of_the_reference_policy_has_zero_kl(tok, lm_params):
   # The PPO value model starts at 0 everywhere.
   zero = ppo.values(models, ppo.init_value(CFG, lm_params), out)
   assert float(jnp.abs(zero).max()) == 0.0
-  # A checker's scores replace the reward model's: with KL 0 the returns hold exactly them.
-  checked, metrics = ppo.rollout_step(models, params, tokens, mask, responses, jnp.float32(0.05),
-                                      np.array([1.0, 0.0], np.float32))
-  last = np.asarray(checked['mask'].sum(1)).astype(int) - 1
-  np.testing.assert_allclose(metrics['rm_reward'], 0.5)
-  has_eos = np.asarray((responses == tok.eos_id).any(1))
-  want = np.array([1.0, 0.0]) - cfg.ppo.missing_eos_penalty * ~has_eos
-  np.testing.assert_allclose(checked['returns'][np.arange(2), last], want, atol=1e-6)
+  # A checker's scores replace the reward model's: with KL 0 the returns hold exactly them; a
+  # response without EOS scores -missing_eos_penalty whatever its score.
+  ended = np.array([tok.encode('12') + [tok.eos_id] + [tok.pad_id] * 3, tok.encode('123456')],
+                   np.int32)
+  checked, metrics = ppo.rollout_step(models, params, tokens, mask, ended, jnp.float32(0.05),
+                                      np.array([1.0, 1.0], np.float32))
+  np.testing.assert_allclose(metrics['rm_reward'], 1.0)
+  np.testing.assert_allclose(checked['returns'][np.arange(2), [2, 5]],
+                             [1.0, -cfg.ppo.missing_eos_penalty], atol=1e-6)
 
 
 def test_preference_lines_are_checked(tmp_path):

@@ -6,9 +6,11 @@ near the frozen SFT reference.
 One iteration (train.steps of them): `train.batch_size` left-padded prompts -> responses sampled
 at ppo.temperature and cut after the first EOS -> log-probs recomputed at that temperature by
 the policy and the reference, values by the value model (the SFT model with a scalar head) ->
-per-token rewards -beta * KL_t plus the normalised RM score on the last token (minus
-ppo.missing_eos_penalty without EOS) -> GAE advantages, whitened -> ppo.epochs passes of clipped
-policy and value updates over shuffled minibatches. Rollout and update are jitted.
+per-token rewards -beta * KL_t plus the normalised RM score on the last token (a response
+without EOS scores -ppo.missing_eos_penalty instead: the reward model never saw such text, and
+PPO found replies it scored high - 2026-12-02, seed 1: RM reward +1.5, KL 7 nats, accuracy 83.5%
+-> 35% with the penalty merely subtracted) -> GAE advantages, whitened -> ppo.epochs passes of
+clipped policy and value updates over shuffled minibatches. Rollout and update are jitted.
 
 Starts from `train.init_from` (the SFT run; else `earlier.sft` is trained in <workdir>/sft) and
 `ppo.reward_from` (else `earlier.reward` is trained in <workdir>/reward). With
@@ -112,7 +114,7 @@ def rollout_step(models: Models, params: Any, prompts: jnp.ndarray, prompt_mask:
   rm_score = (models.reward.score(tokens, positions, segments) if checker_score is None
               else checker_score.astype(jnp.float32))
   has_eos = jnp.any((responses == p['eos_id']) & (mask > 0), axis=1)
-  score = rm_score - p['missing_eos_penalty'] * (~has_eos)
+  score = jnp.where(has_eos, rm_score, -p['missing_eos_penalty'])
   kl = rl.kl_estimate(logp, ref_logp, p['kl_estimator']) * mask
   rewards = rl.token_rewards(score, kl, mask, beta)
   advantages, returns = rl.gae(rewards, old_values, mask, p['gamma'], p['lam'])

@@ -4,10 +4,14 @@ trained on preference pairs with the Bradley-Terry loss -log sigmoid(r_chosen - 
 Starts from `train.init_from`, else trains `earlier.sft` in <workdir>/sft first. After training,
 a gain and bias are fitted so that the rewards of the SFT policy's own samples have mean 0 and
 std 1 (Stiennon et al. 2020); they are stored in <workdir>/reward_norm.json and applied by `load`.
+With the built-in pairs, `reward.policy_pairs` adds on-policy negatives: the SFT policy's wrong
+replies (checked against the right answers) to that many train problems, each against the right
+answer, as labellers would rank the model's own samples.
+
 Held-out pairwise accuracy (overall and per task kind) goes to <workdir>/reward.json; with the
-built-in pairs also how well the reward ranks the SFT policy's own samples (checked against the
-right answers): the figure that decides whether PPO can learn from it, which pair accuracy on
-hand-made negatives can overstate.
+built-in pairs also how often a right reply of the SFT policy to a held-out prompt scores above a
+wrong reply to the same prompt: the figure that decides whether PPO can learn from the reward,
+which pair accuracy on hand-made negatives can overstate.
 """
 
 import copy
@@ -37,6 +41,7 @@ from research.train import loop, pretrain, stages
 
 POLICY_SAMPLES_PER_PROMPT = 4  # For the pair accuracy on the SFT policy's own replies.
 SAMPLING_BATCH = 256  # Prompts answered at once by `policy_samples`.
+
 
 def earlier_run(config: ml_collections.ConfigDict, workdir: str, name: str) -> str:
   """The workdir of an earlier stage: given, else `earlier.<name>` trained in <workdir>/<name>."""
