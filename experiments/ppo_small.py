@@ -14,9 +14,15 @@ exact match instead of a reward model (no reward model trained):
   python launch.py --experiment=ppo_small --config.ppo.reward=checker
 
 Measured (inside rlhf_small, 2 CPU cores, 2026-12-02; SFT policy 83.5% on 200 held-out sorting
-questions): 300 iterations in 8 min 01 s; seed 0: held-out exact match at iterations 0, 25, ...,
-300: 83.5, 74.0, 79.0, 80.5, 84.0, 86.5, 88.5, 92.5, 93.0, 94.5, 94.0, 94.5, 96.5% (+13.0), KL
-to the SFT reference 0.49 nats per response; seed 1: SEED1.
+questions for either seed; reward model and PPO of the same seed): 300 iterations in 7 min 55 s
+to 8 min 39 s; held-out exact match at iterations 0, 25, ..., 300:
+  seed 0: 83.5, 71.5, 81.0, 84.5, 80.0, 83.0, 86.5, 87.5, 90.5, 91.5, 95.0, 93.5, 95.5% (+12.0),
+          KL to the SFT reference 0.49 nats per response;
+  seed 1: 83.5, 78.0, 71.0, 87.0, 78.5, 83.5, 89.0, 81.0, 90.0, 90.5, 91.0, 96.0, 95.0% (+11.5),
+          KL 0.34.
+Before a response without EOS scored -ppo.missing_eos_penalty (it was subtracted from the RM
+score), seed 1 found replies without EOS that its reward model scored high: RM reward +1.5, KL 7
+nats, accuracy 35%. Seed 0 had not (96.5%, KL 0.49, before the change).
 
 What it took (each change measured with the same SFT policy):
 - A reward model that ranks the policy's own replies (reward_small: on-policy negatives). Against
