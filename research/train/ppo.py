@@ -19,8 +19,9 @@ else 0 (a verifiable reward, as in RLVR): no reward model, and the upper bound o
 model of that task can give PPO.
 
 Logs per iteration the true task score of the samples (the verifier), RM reward, KL, entropy,
-clip fraction, approx KL, explained variance, response length and beta; every
-train.eval_every iterations the held-out greedy exact match. Writes ppo.png, exact_match.json and resumable checkpoints.
+clip fraction, approx KL, explained variance, response length and beta; every train.eval_every
+iterations the held-out greedy exact match. Writes ppo.png, exact_match.json and resumable
+checkpoints.
 """
 
 import copy
