@@ -45,7 +45,8 @@ def op_groups(hlo: str) -> dict[str, str]:
     meta = re.search(r'op_name="([^"]+)"', line)
     where = meta.group(1) if meta else ''
     if re.search(r'= \S+ dot\(', body) or op == 'dot':
-      groups[name] = 'attention matmuls' if '/attn/vmap' in where else 'dense matmuls'
+      attention = re.search(r'attn/(?!(query|key|value|out)/)', where)  # Not a projection.
+      groups[name] = 'attention matmuls' if attention else 'dense matmuls'
     else:
       ops = set(re.findall(r'= \S+ ([a-z\-]+)\(', body)) - {'parameter', 'constant', 'bitcast',
                                                             'broadcast', 'reshape'}

@@ -4,10 +4,13 @@
   python bench/train_throughput.py --workloads=a --steps=20 --json
 
 MFU = tokens/s * (6N + 12 L d T) / peak, N = parameters in matrix multiplies (the tied
-embedding counts once, as the unembedding; of the experts only the top-k active ones), L layers, d width, T sequence length; peak = a
-large jitted float32 matmul measured here (median of repeats), or a data-sheet bf16 peak on
-known accelerators. Token ids are random (speed does not depend on them) but batches go through
-the real batching code, so the data-wait share is real.
+embedding counts once, as the unembedding; of the experts only the top-k active ones), L layers,
+d width, T sequence length (attention counted as if not causal, as in PaLM). On known
+accelerators the peak is the data sheet's bf16 figure. On CPU it is measured: a large jitted
+float32 matmul, timed after every train step (the best of 3 runs), because a shared machine's
+speed drifts by 2x within a minute; MFU is the median over steps of (the step's FLOP/s / the matmul's FLOP/s
+next to it), with its p10-p90 spread. Token ids are random (speed does not depend on them) but
+batches go through the real batching code, so the data-wait share is real.
 """
 
 import argparse
@@ -17,6 +20,7 @@ import os
 import resource
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,26 +67,35 @@ def setup(config, vocab: int):
   return task, state, step_fn, time.perf_counter() - t0
 
 
-def bench(config, vocab: int, steps: int, warmup: int) -> dict:
+def bench(config, vocab: int, steps: int, warmup: int, peak: Optional[float]) -> dict:
+  """Times `steps` train steps after `warmup`. peak: the hardware's FLOP/s, or None to measure it
+  with a large matmul after every step (see the module docstring)."""
   t = config.train
   task, state, step_fn, compile_sec = setup(config, vocab)
-  times, data_times = [], []
+  flops_per_step = task.flops_per_token(state.params) * t.batch_size * t.seq_len
+  probe = perf.matmul_probe() if peak is None else lambda: peak
+  times, data_times, peaks = [], [], []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
     batch = task.train_batch(i, 0, slice(None))
     t1 = time.perf_counter()
     state, out = step_fn(state, batch, np.int32(i))
-    out['loss'].block_until_ready()
+    jax.block_until_ready((state, out))  # The loss is ready before the parameter update.
     t2 = time.perf_counter()
     if i >= warmup:
       times.append(t2 - t0)
       data_times.append(t1 - t0)
-  ms = np.array(times) * 1e3
-  tokens_per_sec = t.batch_size * t.seq_len / np.median(times)
-  flops = task.flops_per_token(state.params)
+      peaks.append(max(probe() for _ in range(3)))  # The first runs slow after a long step.
+  times, peaks = np.array(times), np.array(peaks)
+  ms = times * 1e3
   return dict(params=perf.param_count(state.params), ms_median=float(np.median(ms)),
               ms_p10=float(np.percentile(ms, 10)), ms_p90=float(np.percentile(ms, 90)),
-              tokens_per_sec=float(tokens_per_sec), flops_per_token=flops,
+              tokens_per_sec=float(t.batch_size * t.seq_len / np.median(times)),
+              flops_per_token=flops_per_step / (t.batch_size * t.seq_len),
+              peak=float(np.median(peaks)),
+              mfu=float(np.median(flops_per_step / times / peaks)),
+              mfu_p10=float(np.percentile(flops_per_step / times / peaks, 10)),
+              mfu_p90=float(np.percentile(flops_per_step / times / peaks, 90)),
               compile_sec=compile_sec, data_frac=float(np.sum(data_times) / np.sum(times)),
               final_loss=float(out['loss']))
 
@@ -94,24 +107,24 @@ def main() -> None:
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--json', action='store_true', help='print one JSON object per workload')
   args = parser.parse_args()
-  peak, source = perf.peak_flops()
+  peak, source = perf.datasheet_peak()
   rows = []
   for name in args.workloads.split(','):
     config, vocab = workload(name)
-    r = bench(config, vocab, args.steps, args.warmup)
-    r.update(workload=name, mfu=r['tokens_per_sec'] * r['flops_per_token'] / peak, peak=peak)
+    r = dict(workload=name, **bench(config, vocab, args.steps, args.warmup, peak))
     rows.append(r)
     if args.json:
       print(json.dumps(r), flush=True)
   if args.json:
     return
-  print(f'peak: {peak / 1e9:.1f} GFLOP/s ({source}); MFU = tokens/s * (6N + 12*L*d*T) / peak')
+  print(f'peak: {source}; MFU = tokens/s * (6N + 12*L*d*T) / peak')
   print(f'{"workload":8} {"params":>10} {"ms/step":>9} {"p10-p90":>13} {"tokens/s":>10} '
-        f'{"MFU":>6} {"compile s":>9} {"data":>6}')
+        f'{"peak GF/s":>9} {"MFU":>6} {"p10-p90":>11} {"compile s":>9} {"data":>6}')
   for r in rows:
     print(f'{r["workload"]:8} {r["params"]:>10,} {r["ms_median"]:>9.1f} '
           f'{r["ms_p10"]:>6.1f}-{r["ms_p90"]:<6.1f} {r["tokens_per_sec"]:>10,.0f} '
-          f'{r["mfu"]:>6.1%} {r["compile_sec"]:>9.1f} {r["data_frac"]:>6.2%}')
+          f'{r["peak"] / 1e9:>9.1f} {r["mfu"]:>6.1%} {r["mfu_p10"]:>5.1%}-{r["mfu_p90"]:<5.1%} '
+          f'{r["compile_sec"]:>9.1f} {r["data_frac"]:>6.2%}')
   print(f'peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB')
 
 

@@ -1,6 +1,7 @@
 """Model FLOPs and the hardware peak they are measured against (for MFU)."""
 
 import time
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,26 +44,43 @@ def train_flops_per_token(params, num_layers: int, d_model: int, seq_len: int,
           + 12.0 * num_layers * d_model * seq_len)
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a large jitted float32 matmul on the default device, median of `repeats`."""
+def matmul_probe(n: int = 2048) -> Callable[[], float]:
+  """Compiles a float32 [n, n] @ [n, n] matmul on the default device once; the returned function
+  runs it once and gives its FLOP/s."""
   x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
   f(x).block_until_ready()
-  times = []
-  for _ in range(repeats):
+
+  def flops_per_sec() -> float:
     t = time.perf_counter()
     f(x).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2.0 * n**3 / float(np.median(times))
+    return 2.0 * n**3 / (time.perf_counter() - t)
+
+  return flops_per_sec
 
 
-def peak_flops() -> tuple[float, str]:
-  """(peak FLOP/s of all devices together, where it came from): the data-sheet bf16 peak per
-  chip times the device count for known accelerators; on CPU a measured float32 matmul (the
-  emulated CPU devices share the same cores, so it is not multiplied)."""
+def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a large jitted float32 matmul on the default device, median of `repeats`."""
+  probe = matmul_probe(n)
+  return float(np.median([probe() for _ in range(repeats)]))
+
+
+def datasheet_peak() -> tuple[Optional[float], str]:
+  """(bf16 peak FLOP/s of all devices together, its source) on known accelerators: the data
+  sheet's figure per chip times the device count; (None, device kind) elsewhere."""
   kind = jax.devices()[0].device_kind
   for name, peak in KNOWN_PEAKS:
     if name in kind:
       n = jax.device_count()
       return peak * n, f'{n} x {kind}, bf16 data sheet'
-  return measure_matmul_peak(), f'{kind}, measured fp32 matmul'
+  return None, kind
+
+
+def peak_flops() -> tuple[float, str]:
+  """(peak FLOP/s of all devices together, where it came from): `datasheet_peak`, else (CPU) a
+  measured float32 matmul (the emulated CPU devices share the same cores, so it is not
+  multiplied)."""
+  peak, source = datasheet_peak()
+  if peak is not None:
+    return peak, source
+  return measure_matmul_peak(), f'{source}, measured fp32 matmul'

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from research.errors import UserError
+from research.nn import attention
 from research.nn.config import ModelConfig
 from research.nn.position import apply_rope
 from research.nn.transformer import DecoderLM
@@ -77,8 +78,51 @@ def test_rope_scores_depend_on_relative_position():
     (dict(num_kv_heads=3), 'num_kv_heads'),
     (dict(pos_encoding='alibi'), 'pos_encoding'),
     (dict(ffn='tanh'), 'model.ffn'),
+    (dict(attention='cudnn'), 'bfloat16'),
 ])
 def test_impossible_configs(kw, words):
   base = dict(vocab_size=VOCAB, num_layers=1, num_heads=4, d_model=32)
   with pytest.raises(UserError, match=words):
     ModelConfig(**{**base, **kw})
+
+
+def attention_and_grads(fn, q, k, v, cotangent):
+  out, vjp = jax.vjp(fn, q, k, v)
+  return (out, *vjp(cotangent))
+
+
+@pytest.mark.parametrize('kv_heads, causal', [(4, False), (2, False), (1, False), (2, True)])
+def test_einsum_attention_and_its_gradients_equal_jax(kv_heads, causal, monkeypatch):
+  """Ours (hand-written backward; with `causal`, key blocks after a query block skipped) against
+  jax.nn.dot_product_attention's XLA implementation, on packed rows (two segments + padding)."""
+  monkeypatch.setattr(attention, 'CAUSAL_BLOCK', 4)  # T = 10: blocks of 4, 4 and 2 queries.
+  b, t, n, h = 2, 10, 4, 8
+  q, k, v, cot = (jax.random.normal(jax.random.key(i), shape) for i, shape in enumerate(
+      [(b, t, n, h), (b, t, kv_heads, h), (b, t, kv_heads, h), (b, t, n, h)]))
+  seg = jnp.array([[1] * 6 + [2] * 4, [1] * 7 + [0] * 3])
+  pos = jnp.array([list(range(6)) + list(range(4)), list(range(10))])
+  mask = attention.attention_mask(pos, seg, pos, seg, causal)
+  if not causal:  # Every row sees some key in causal blocks; here padding rows see none.
+    assert not mask[1, 0, 9].any()
+  rows = (seg > 0)[:, :, None, None]
+  if causal:  # A padding row (it sees no key) averages the values of its own block only; its
+    cot = cot * rows  # output is ignored, as the model's losses ignore it.
+  ours = attention_and_grads(
+      lambda q, k, v: attention.dot_product_attention(q, k, v, mask, 'einsum', causal), q, k, v, cot)
+  ref = attention_and_grads(
+      lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla'),
+      q, k, v, cot)
+  for name, a, r in zip(['out', 'dq', 'dk', 'dv'], ours, ref):
+    if causal and name == 'out':
+      a, r = a * rows, r * rows
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5, err_msg=name)
+
+
+def test_attention_implementations_give_the_same_model():
+  model, params, tokens = build(attention='einsum')
+  model_xla, _, _ = build(attention='xla')
+  def loss(m, p):
+    return m.apply({'params': p}, tokens)[0].std()
+  for a, b in zip(jax.value_and_grad(lambda p: loss(model, p))(params),
+                  jax.value_and_grad(lambda p: loss(model_xla, p))(params)):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, b)

@@ -11,6 +11,7 @@ CHOICES = {
     'norm_position': ('pre', 'post'),
     'ffn': ('relu', 'gelu', 'swiglu'),
     'dtype': ('float32', 'bfloat16'),
+    'attention': ('auto', 'einsum', 'xla', 'cudnn'),
 }
 
 
@@ -28,6 +29,9 @@ class ModelConfig:
   ffn: 'relu' (original), 'gelu' (GPT/BERT, tanh approximation) or 'swiglu' (Shazeer 2020);
     hidden width = ffn_multiplier * d_model.
   dtype: compute dtype; parameters, softmax and loss stay float32.
+  attention: the attention kernel (nn/attention.py `dot_product_attention`): 'einsum' (ours, the
+    fastest on CPU), 'xla' or 'cudnn' (jax.nn.dot_product_attention; cudnn needs a GPU and
+    bfloat16); 'auto' = einsum on CPU, else JAX's choice.
   moe_every: 0 = dense; n = every n-th block (blocks n-1, 2n-1, ...) replaces its FFN by
     num_experts FFNs of the same kind and width, moe_top_k of which run per token (noisy top-k
     gating when moe_noisy, Shazeer et al. 2017). moe_capacity_factor: slots per expert =
@@ -51,6 +55,7 @@ class ModelConfig:
   ffn: str = 'gelu'
   tie_embeddings: bool = True
   dtype: str = 'float32'
+  attention: str = 'auto'
   moe_every: int = 0
   num_experts: int = 8
   moe_top_k: int = 2
@@ -77,6 +82,9 @@ class ModelConfig:
                       f'{self.num_heads} (0 means num_heads).')
     if self.pos_encoding == 'rope' and self.head_dim % 2:
       raise UserError(f'RoPE needs an even head dimension, got d_model/num_heads={self.head_dim}.')
+    if self.attention == 'cudnn' and self.dtype != 'bfloat16':
+      raise UserError("model.attention='cudnn' needs model.dtype='bfloat16' (and a GPU); use "
+                      "'auto' or 'xla' otherwise.")
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f'model.dropout={self.dropout} must be in [0, 1).')
     self._check_moe()

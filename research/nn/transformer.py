@@ -27,9 +27,11 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
 
 class Block(nn.Module):
   """Self-attention, cross-attention (when given a source), then feed-forward (a mixture of experts
-  if `moe`), each wrapped in a residual; norms pre or post."""
+  if `moe`), each wrapped in a residual; norms pre or post. `causal`: the self-attention mask
+  hides every later key (see attention.dot_product_attention)."""
   cfg: ModelConfig
   moe: bool = False
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray,
@@ -47,7 +49,7 @@ class Block(nn.Module):
     pre = cfg.norm_position == 'pre'
     h = make_norm(cfg, 'ln_attn')(x) if pre else x
     h, cache = Attention(cfg, out_scale, name='attn')(h, mask, positions, cache=cache,
-                                                      cache_index=cache_index)
+                                                      cache_index=cache_index, causal=self.causal)
     x = x + drop(h)
     if not pre:
       x = make_norm(cfg, 'ln_attn')(x)
@@ -224,7 +226,7 @@ class DecoderLM(nn.Module):
     for i in range(cfg.num_layers):
       name = f'block_{i}'
       layer_cache = None if cache is None else cache['layers'][name]
-      x, new_layers[name] = Block(cfg, cfg.is_moe_layer(i), name=name)(
+      x, new_layers[name] = Block(cfg, cfg.is_moe_layer(i), causal=cache is None, name=name)(
           x, mask, positions, layer_cache, index, deterministic, segment_ids > 0,
           source=memory, source_mask=cross_mask)
     if cfg.norm_position == 'pre':
