@@ -7,10 +7,11 @@ MFU = tokens/s * (6N + 12 L d T) / peak, N = parameters in matrix multiplies (th
 embedding counts once, as the unembedding; of the experts only the top-k active ones), L layers,
 d width, T sequence length (attention counted as if not causal, as in PaLM). On known
 accelerators the peak is the data sheet's bf16 figure. On CPU it is measured: a large jitted
-float32 matmul, timed after every train step (the best of 3 runs), because a shared machine's
-speed drifts by 2x within a minute; MFU is the median over steps of (the step's FLOP/s / the matmul's FLOP/s
-next to it), with its p10-p90 spread. Token ids are random (speed does not depend on them) but
-batches go through the real batching code, so the data-wait share is real.
+float32 matmul, timed after every window of steps (the best of 3 runs), because a shared
+machine's speed drifts by 2x within a minute; MFU is the median over windows of (the window's
+FLOP/s / the matmul's FLOP/s next to it), with its p10-p90 spread. Token ids are random (speed
+does not depend on them) but batches go through the real batching code, so the data-wait share
+is real.
 """
 
 import argparse
@@ -67,36 +68,40 @@ def setup(config, vocab: int):
   return task, state, step_fn, time.perf_counter() - t0
 
 
-def bench(config, vocab: int, steps: int, warmup: int, peak: Optional[float]) -> dict:
-  """Times `steps` train steps after `warmup`. peak: the hardware's FLOP/s, or None to measure it
-  with a large matmul after every step (see the module docstring)."""
+def bench(config, vocab: int, steps: int, warmup: int, window: int,
+          peak: Optional[float]) -> dict:
+  """Times `steps` train steps after `warmup`, in windows of `window` steps dispatched back to
+  back (the training loop, too, dispatches step n+1 before it reads step n's loss). peak: the
+  hardware's FLOP/s, or None to measure it with a large matmul after every window (see the module
+  docstring)."""
   t = config.train
   task, state, step_fn, compile_sec = setup(config, vocab)
-  flops_per_step = task.flops_per_token(state.params) * t.batch_size * t.seq_len
+  tokens = t.batch_size * t.seq_len
+  flops_per_step = task.flops_per_token(state.params) * tokens
   probe = perf.matmul_probe() if peak is None else lambda: peak
-  times, data_times, peaks = [], [], []
-  for i in range(warmup + steps):
+  for i in range(warmup):
+    state, out = step_fn(state, task.train_batch(i, 0, slice(None)), np.int32(i))
+  jax.block_until_ready(state)
+  times, peaks, data_sec = [], [], 0.0
+  for start in range(warmup, warmup + steps, window):
     t0 = time.perf_counter()
-    batch = task.train_batch(i, 0, slice(None))
-    t1 = time.perf_counter()
-    state, out = step_fn(state, batch, np.int32(i))
-    jax.block_until_ready((state, out))  # The loss is ready before the parameter update.
-    t2 = time.perf_counter()
-    if i >= warmup:
-      times.append(t2 - t0)
-      data_times.append(t1 - t0)
-      peaks.append(max(probe() for _ in range(3)))  # The first runs slow after a long step.
+    for i in range(start, start + window):
+      t1 = time.perf_counter()
+      batch = task.train_batch(i, 0, slice(None))
+      data_sec += time.perf_counter() - t1
+      state, out = step_fn(state, batch, np.int32(i))
+    jax.block_until_ready((state, out))
+    times.append((time.perf_counter() - t0) / window)
+    peaks.append(max(probe() for _ in range(3)))  # The first run is slow after a long step.
   times, peaks = np.array(times), np.array(peaks)
-  ms = times * 1e3
-  return dict(params=perf.param_count(state.params), ms_median=float(np.median(ms)),
-              ms_p10=float(np.percentile(ms, 10)), ms_p90=float(np.percentile(ms, 90)),
-              tokens_per_sec=float(t.batch_size * t.seq_len / np.median(times)),
-              flops_per_token=flops_per_step / (t.batch_size * t.seq_len),
-              peak=float(np.median(peaks)),
-              mfu=float(np.median(flops_per_step / times / peaks)),
-              mfu_p10=float(np.percentile(flops_per_step / times / peaks, 10)),
-              mfu_p90=float(np.percentile(flops_per_step / times / peaks, 90)),
-              compile_sec=compile_sec, data_frac=float(np.sum(data_times) / np.sum(times)),
+  mfu = flops_per_step / times / peaks
+  return dict(params=perf.param_count(state.params), ms_median=float(np.median(times) * 1e3),
+              ms_p10=float(np.percentile(times, 10) * 1e3),
+              ms_p90=float(np.percentile(times, 90) * 1e3),
+              tokens_per_sec=float(tokens / np.median(times)), flops_per_token=flops_per_step / tokens,
+              peak=float(np.median(peaks)), mfu=float(np.median(mfu)),
+              mfu_p10=float(np.percentile(mfu, 10)), mfu_p90=float(np.percentile(mfu, 90)),
+              compile_sec=compile_sec, data_frac=float(data_sec / np.sum(times * window)),
               final_loss=float(out['loss']))
 
 
@@ -105,13 +110,15 @@ def main() -> None:
   parser.add_argument('--workloads', default='a,b,c,d')
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--window', type=int, default=4,
+                      help='steps per timing window (the MFU and ms/step spreads are over windows)')
   parser.add_argument('--json', action='store_true', help='print one JSON object per workload')
   args = parser.parse_args()
   peak, source = perf.datasheet_peak()
   rows = []
   for name in args.workloads.split(','):
     config, vocab = workload(name)
-    r = dict(workload=name, **bench(config, vocab, args.steps, args.warmup, peak))
+    r = dict(workload=name, **bench(config, vocab, args.steps, args.warmup, args.window, peak))
     rows.append(r)
     if args.json:
       print(json.dumps(r), flush=True)

@@ -186,6 +186,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # Sections that fix what a workdir holds (weights, tokenizer, token caches): a rerun in the same
 # workdir must keep them; train.* and sampling.* may change between runs (e.g. more steps).
 FIXED_SECTIONS = ('model', 'tokenizer', 'data')
+# Keys of those sections that say how to compute, not what: free to change (and absent from
+# workdirs made before they existed).
+FREE_KEYS = (('model', 'attention'),)
 
 
 def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -197,7 +200,7 @@ def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     current = json.loads(config.to_json())
     diffs = [f'{s}.{k}: {saved.get(s, {}).get(k)!r} there, {v!r} now'
              for s in FIXED_SECTIONS for k, v in current[s].items()
-             if saved.get(s, {}).get(k) != v]
+             if saved.get(s, {}).get(k) != v and (s, k) not in FREE_KEYS]
     if diffs:
       raise UserError(f'{workdir} holds a run with another config ({"; ".join(diffs[:3])}); '
                       'use a new --workdir, or the settings it was made with.')

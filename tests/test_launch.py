@@ -1,10 +1,15 @@
 """launch.py on bad input: one clear line, exit code 2, nothing in the workdir lost."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from research import config as config_lib
+from research.config import default_config
+from research.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config.model.num_layers=1', '--config.model.d_model=32', '--config.model.num_heads=2',
@@ -75,3 +80,17 @@ def test_workdir_of_another_model_is_refused_and_kept(tiny_corpus, tmp_path):
   assert after == before
   with open(os.path.join(workdir, 'config.json')) as f:
     assert f.read() == config_before
+
+
+def test_attention_kernel_may_change_in_a_workdir(tmp_path):
+  """model.attention says how to compute, not what: a workdir made before the key existed, or
+  with another kernel, is resumed; another width is refused."""
+  config = default_config()
+  config.model.attention = 'xla'
+  saved = json.loads(config.to_json())
+  del saved['model']['attention']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  config_lib.save_to_workdir(config, str(tmp_path))
+  config.model.d_model = 64
+  with pytest.raises(UserError, match='model.d_model'):
+    config_lib.save_to_workdir(config, str(tmp_path))
