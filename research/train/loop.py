@@ -89,10 +89,11 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state), {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                                             **aux}
+  options = perf.compiler_options()
   if state_sharding is None:
-    return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, compiler_options=options)
   return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding, None),
-                 out_shardings=(state_sharding, None))
+                 out_shardings=(state_sharding, None), compiler_options=options)
 
 
 def evaluate(eval_step, params: Params, batches: list[Batch]) -> dict[str, float]:
