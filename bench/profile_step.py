@@ -7,7 +7,10 @@ Groups: matmuls of the dense layers (projections, FFN, unembedding), the attenti
 and the weighted sum of values), and the rest by the operations fused (elementwise, reductions,
 transposes). 'idle' is the step time no operation covers (scheduling between operations). On CPU,
 XLA runs independent operations concurrently, so a matmul that shares the cores with another
-shows a longer time than it would alone; the total can exceed the step time.
+shows a longer time than it would alone; the total can exceed the step time. The train step runs
+its matmuls as Eigen tasks on CPU (perf.compiler_options): the trace records their launch, not
+their work, so 'idle' there holds the time of most matmuls. `--ynn` profiles the step compiled
+with XLA's default YNNPACK fusions instead, whose matmul operations are timed.
 """
 
 import argparse
@@ -27,6 +30,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from bench import train_throughput  # pylint: disable=g-import-not-at-top
+from research import perf
 
 
 def op_groups(hlo: str) -> dict[str, str]:
@@ -60,8 +64,12 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workload', default='a', choices=['a', 'b', 'c', 'd'])
   parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--ynn', action='store_true',
+                      help="XLA:CPU's default YNNPACK fusions (matmul operations in the trace)")
   args = parser.parse_args()
   config, vocab = train_throughput.workload(args.workload)
+  if args.ynn:
+    perf.compiler_options = lambda: None
   task, state, step_fn, _ = train_throughput.setup(config, vocab)
   groups = op_groups(step_fn.as_text())
   batch = task.train_batch(0, 0, slice(None))
