@@ -3,8 +3,8 @@
   python launch.py --experiment=pretrain_small
 
 Measured on 2 CPU cores (2026-12-02, jax 0.10.2, float32): 3 min 45 s end to end, tokenizer and
-data included, at ~7,000-7,800 tokens/s (~44-48% MFU; 4 min 16 s with the train step of before that day,
-on the same machine the same morning). Final eval loss 1.693 nats/character (next-character
+data included, at ~7,000-7,800 tokens/s (~44-48% MFU; 4 min 16 s with the train step of before
+that day, on the same machine the same morning). Final eval loss 1.693 nats/character (next-character
 accuracy 54.5%; the unigram entropy of the val split is 3.345), so a run should end near 1.7.
 """
 

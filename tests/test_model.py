@@ -108,7 +108,8 @@ def test_einsum_attention_and_its_gradients_equal_jax(kv_heads, causal, monkeypa
   if causal:  # A padding row (it sees no key) averages the values of its own block only; its
     cot = cot * rows  # output is ignored, as the model's losses ignore it.
   ours = attention_and_grads(
-      lambda q, k, v: attention.dot_product_attention(q, k, v, mask, 'einsum', causal), q, k, v, cot)
+      lambda q, k, v: attention.dot_product_attention(q, k, v, mask, 'einsum', causal),
+      q, k, v, cot)
   ref = attention_and_grads(
       lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla'),
       q, k, v, cot)
