@@ -79,6 +79,7 @@ def test_rope_scores_depend_on_relative_position():
     (dict(pos_encoding='alibi'), 'pos_encoding'),
     (dict(ffn='tanh'), 'model.ffn'),
     (dict(attention='cudnn'), 'bfloat16'),
+    (dict(attention='cudnn', dtype='bfloat16'), 'needs a GPU'),
 ])
 def test_impossible_configs(kw, words):
   base = dict(vocab_size=VOCAB, num_layers=1, num_heads=4, d_model=32)

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import jax
+
 from research.errors import UserError
 
 CHOICES = {
@@ -82,9 +84,9 @@ class ModelConfig:
                       f'{self.num_heads} (0 means num_heads).')
     if self.pos_encoding == 'rope' and self.head_dim % 2:
       raise UserError(f'RoPE needs an even head dimension, got d_model/num_heads={self.head_dim}.')
-    if self.attention == 'cudnn' and self.dtype != 'bfloat16':
-      raise UserError("model.attention='cudnn' needs model.dtype='bfloat16' (and a GPU); use "
-                      "'auto' or 'xla' otherwise.")
+    if self.attention == 'cudnn' and (self.dtype != 'bfloat16' or jax.default_backend() != 'gpu'):
+      raise UserError(f"model.attention='cudnn' needs a GPU and model.dtype='bfloat16' (here: "
+                      f"{jax.default_backend()}, {self.dtype}); use 'auto' or 'xla' otherwise.")
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f'model.dropout={self.dropout} must be in [0, 1).')
     self._check_moe()
