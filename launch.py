@@ -108,6 +108,7 @@ def main(argv: list[str]) -> None:
   from research import config as config_lib  # pylint: disable=g-import-not-at-top
   from research import generate  # pylint: disable=g-import-not-at-top
   from research import parallel  # pylint: disable=g-import-not-at-top
+  from research import perf  # pylint: disable=g-import-not-at-top
   from research.errors import UserError  # pylint: disable=g-import-not-at-top
   from research.train import pretrain  # pylint: disable=g-import-not-at-top
   from research.train import stages  # pylint: disable=g-import-not-at-top
@@ -116,6 +117,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # would bury the progress lines (-v 0 brings them back).
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join('runs', FLAGS.experiment)
+  perf.tune_cpu_runtime()
   if FLAGS.multihost:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)

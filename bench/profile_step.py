@@ -67,6 +67,7 @@ def main() -> None:
   parser.add_argument('--ynn', action='store_true',
                       help="XLA:CPU's default YNNPACK fusions (matmul operations in the trace)")
   args = parser.parse_args()
+  perf.tune_cpu_runtime()  # As launch.py does.
   config, vocab = train_throughput.workload(args.workload)
   if args.ynn:
     perf.compiler_options = lambda: None

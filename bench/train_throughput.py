@@ -115,6 +115,7 @@ def main() -> None:
                       help='steps per timing window (the MFU and ms/step spreads are over windows)')
   parser.add_argument('--json', action='store_true', help='print one JSON object per workload')
   args = parser.parse_args()
+  perf.tune_cpu_runtime()  # As launch.py does.
   peak, source = perf.datasheet_peak()
   rows = []
   for name in args.workloads.split(','):
