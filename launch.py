@@ -117,10 +117,10 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # would bury the progress lines (-v 0 brings them back).
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join('runs', FLAGS.experiment)
-  perf.tune_cpu_runtime()
   if FLAGS.multihost:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
+  perf.tune_cpu_runtime()
   try:
     config_lib.validate(config)
     if FLAGS.mode == 'train':

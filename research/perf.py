@@ -29,20 +29,22 @@ def compiler_options() -> Optional[dict[str, str]]:
 
 
 def tune_cpu_runtime() -> None:
-  """Makes the CPU backend reuse each step's memory. Call it before JAX's first computation.
+  """Makes the CPU backend reuse each step's host memory. Call it before JAX's first computation
+  (after jax.distributed.initialize, if any).
 
   XLA:CPU mallocs a compiled computation's temporaries for every call (41 MB per train step of
   bench/train_throughput.py's workload (a), 1.1 GB at (b)). glibc serves allocations over 32 MB
   (64 MB from a thread) with a fresh mmap and unmaps them on free, so every step faulted in all
   its pages again (10k page faults per step at (a), 270k at (b); a quarter of the CPU time in the
-  kernel). Here glibc is told never to mmap and not to trim freed memory (up to 2 GB kept), and
-  computations on one CPU device run on the calling thread (whose malloc arena, unlike a worker
-  thread's, has no size limit). Step time: (a) 54 -> 36 ms, (b) 2.1 -> 1.9 s. The calling thread
-  then waits for each computation, so host work (batching) no longer overlaps it; the training
-  loop's data wait stays under 1% of step time.
+  kernel). When JAX computes on the CPU, glibc is told here never to mmap and not to trim freed
+  memory (up to 2 GB is kept), and computations on one CPU device run on the calling thread (whose
+  malloc arena, unlike a worker thread's, has no size limit). Step time: (a) 54 -> 36 ms, (b) 2.1
+  -> 1.9 s. The calling thread then waits for each computation, so host work (batching) no longer
+  overlaps it; the training loop's data wait stays under 1% of step time.
   """
   jax.config.update('jax_cpu_enable_async_dispatch', False)  # Read when the CPU client starts.
-  if platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc':
+  if (jax.default_backend() == 'cpu' and platform.system() == 'Linux'
+      and platform.libc_ver()[0] == 'glibc'):
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     libc = ctypes.CDLL(None)
     libc.mallopt(m_mmap_max, 0)
