@@ -34,6 +34,7 @@ import numpy as np
 
 from research import config as config_lib
 from research import decoding
+from research import perf
 from research.nn.config import ModelConfig
 from research.nn.transformer import DecoderLM, init_cache
 
@@ -106,6 +107,7 @@ def main() -> None:
                       'counts), fewer where they would pass 20 s')
   parser.add_argument('--batches', default='1,16')
   args = parser.parse_args()
+  perf.tune_cpu_runtime()  # As launch.py does.
   if args.quick:
     args.context, args.new_tokens = 128, 16
   print(f'device: {jax.devices()[0].device_kind}; context {args.context}; cached: '
