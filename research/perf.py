@@ -1,4 +1,5 @@
-"""Model FLOPs and the hardware peak they are measured against (for MFU)."""
+"""Model FLOPs, the hardware peak they are measured against (for MFU), and the CPU runtime's
+settings for speed."""
 
 import ctypes
 import platform
