@@ -17,7 +17,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from research import config as config_lib  # pylint: disable=g-import-not-at-top
-from research import decoding, parallel
+from research import decoding, parallel, perf
 from research.metrics import read_jsonl
 from research.train import pretrain
 from tests.conftest import tiny_config
@@ -39,6 +39,7 @@ def main(argv: list[str]) -> None:
   corpus, workdir, mesh = argv[2], argv[3], json.loads(argv[4])
   if len(argv) > 5:
     parallel.initialize_distributed(argv[5], int(argv[6]), int(argv[7]))
+  perf.tune_cpu_runtime()  # As launch.py does.
   config = tiny_config(corpus, steps=5, batch_size=8, eval_every=5, checkpoint_every=5)
   config.model.update(mesh.pop('model', {}))  # E.g. MoE settings for expert parallelism.
   config.mesh.update({**dict(data=1, fsdp=1, tensor=1, expert=1), **mesh})
