@@ -2,11 +2,11 @@
 
   python launch.py --experiment=pretrain_small
 
-Measured on 2 CPU cores (2026-12-02, jax 0.10.2, float32): 2 min 58 s end to end, tokenizer and
-data included, at ~9,000-9,400 tokens/s (~55-57% MFU; 3 min 45 s before perf.tune_cpu_runtime, 4
-min 16 s before that day's attention and matmul work). Final eval loss 1.693 nats/character
-(next-character accuracy 54.5%; the unigram entropy of the val split is 3.345), so a run should
-end near 1.7.
+Measured on 2 CPU cores (2026-12-02, jax 0.10.2, float32): 2 min 50 s to 3 min end to end, tokenizer
+and data included, at ~9,000-10,500 tokens/s (~55-63% MFU; 3 min 45 s before perf.tune_cpu_runtime,
+4 min 16 s before that day's attention and matmul work). Final eval loss 1.693 nats/character
+(next-character accuracy 54.5%; the unigram entropy of the val split is 3.345), so a run should end
+near 1.7.
 """
 
 from research import sweep as sweep_lib
