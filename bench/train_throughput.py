@@ -63,7 +63,8 @@ def setup(config, vocab: int):
   state = jax.jit(lambda k: loop.TrainState(p := task.init_params(k), tx.init(p)))(
       jax.random.key(0))
   t0 = time.perf_counter()
-  step_fn = loop.make_train_step(task, tx, 0).lower(
+  flat = config.train.flatten_optimizer
+  step_fn = loop.make_train_step(task, tx, 0, flat_optimizer=flat).lower(
       state, task.train_batch(0, 0, slice(None)), np.int32(0)).compile()
   return task, state, step_fn, time.perf_counter() - t0
 

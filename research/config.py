@@ -42,6 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
       b1=0.9,
       b2=0.95,
       grad_clip=1.0,
+      # Clipping and Adam over all gradients as one vector (research/train/optimizer.py): faster
+      # for small models; not with meshes that shard parameters (fsdp/tensor/expert > 1).
+      flatten_optimizer=False,
       log_every=50,
       eval_every=250,
       eval_batches=8,
@@ -184,11 +187,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 # Sections that fix what a workdir holds (weights, tokenizer, token caches): a rerun in the same
-# workdir must keep them; train.* and sampling.* may change between runs (e.g. more steps).
+# workdir must keep them; train.* (but FIXED_KEYS) and sampling.* may change between runs (e.g.
+# more steps).
 FIXED_SECTIONS = ('model', 'tokenizer', 'data')
 # Keys of those sections that say how to compute, not what: free to change (and absent from
 # workdirs made before they existed).
 FREE_KEYS = (('model', 'attention'),)
+# Keys of other sections that fix the checkpoints' layout, with the value of workdirs made before
+# they existed.
+FIXED_KEYS = {('train', 'flatten_optimizer'): False}
 
 
 def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -201,6 +208,8 @@ def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     diffs = [f'{s}.{k}: {saved.get(s, {}).get(k)!r} there, {v!r} now'
              for s in FIXED_SECTIONS for k, v in current[s].items()
              if saved.get(s, {}).get(k) != v and (s, k) not in FREE_KEYS]
+    diffs += [f'{s}.{k}: {saved.get(s, {}).get(k, old)!r} there, {current[s][k]!r} now'
+              for (s, k), old in FIXED_KEYS.items() if saved.get(s, {}).get(k, old) != current[s][k]]
     if diffs:
       raise UserError(f'{workdir} holds a run with another config ({"; ".join(diffs[:3])}); '
                       'use a new --workdir, or the settings it was made with.')

@@ -82,6 +82,24 @@ def test_workdir_of_another_model_is_refused_and_kept(tiny_corpus, tmp_path):
     assert f.read() == config_before
 
 
+def test_optimizer_layout_is_fixed_in_a_workdir(tmp_path):
+  """train.flatten_optimizer sets the checkpoints' layout: a workdir made before the key (per
+  parameter) resumes with False and refuses True; one made with True refuses False."""
+  config = default_config()
+  saved = json.loads(config.to_json())
+  del saved['train']['flatten_optimizer']
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'config.json').write_text(json.dumps(saved))
+  config_lib.save_to_workdir(config, str(tmp_path / 'old'))
+  config.train.flatten_optimizer = True
+  with pytest.raises(UserError, match='train.flatten_optimizer: False there, True now'):
+    config_lib.save_to_workdir(config, str(tmp_path / 'old'))
+  config_lib.save_to_workdir(config, str(tmp_path / 'new'))
+  config.train.update(flatten_optimizer=False, steps=5)
+  with pytest.raises(UserError, match='train.flatten_optimizer: True there, False now'):
+    config_lib.save_to_workdir(config, str(tmp_path / 'new'))
+
+
 def test_attention_kernel_may_change_in_a_workdir(tmp_path):
   """model.attention says how to compute, not what: a workdir made before the key existed, or
   with another kernel, is resumed; another width is refused."""

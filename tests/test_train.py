@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from research.config import default_config
 from research.data import lm
 from research.errors import UserError
 from research.metrics import read_jsonl
-from research.train import loop, pretrain
+from research.train import loop, optimizer, pretrain
 from research.train.optimizer import make_optimizer
 from tests.conftest import tiny_config
 
@@ -115,6 +117,56 @@ def test_gradient_accumulation_equals_the_big_batch():
     params.append(np.asarray(state.params['w']))
   assert np.abs(params[0]).min() > 0
   np.testing.assert_allclose(params[0], params[1], atol=1e-6)
+
+
+def test_flattened_optimizer_equals_adamw_per_parameter():
+  """train.flatten_optimizer: the same updates (clipping active, decay on matrices only) and the
+  same grad_norm metric as the per-parameter AdamW, with a flat moment vector."""
+  rng = np.random.default_rng(0)
+  params = {'w': rng.normal(size=(3, 4)).astype(np.float32),
+            'b': rng.normal(size=(4,)).astype(np.float32)}
+  batch = {'x': rng.normal(size=(8, 3)).astype(np.float32),
+           'y': rng.normal(size=(8, 4)).astype(np.float32)}
+
+  def loss_fn(p, b, key):
+    del key
+    return 10.0 * jnp.mean((b['x'] @ p['w'] + p['b'] - b['y']) ** 2), {}
+
+  task = loop.Task(init_params=None, loss_fn=loss_fn, eval_fn=None, train_batch=None,
+                   eval_batches=[], tokens_per_step=0, flops_per_token=None)
+  results = []
+  for flat in (False, True):
+    cfg = default_config().train
+    cfg.update(flatten_optimizer=flat, warmup_steps=0, schedule='constant', learning_rate=0.1)
+    tx = make_optimizer(cfg)
+    p = jax.tree.map(jnp.asarray, params)  # The step donates (deletes) its input state.
+    state = loop.TrainState(p, tx.init(p))
+    step = loop.make_train_step(task, tx, seed=0, flat_optimizer=flat)
+    norms = []
+    for i in range(3):
+      state, out = step(state, batch, np.int32(i))
+      norms.append(float(out['grad_norm']))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    results.append((state.params, norms, moments))
+  (per_param, norms, moments), (flat, flat_norms, flat_moments) = results
+  assert norms[0] > 1.0  # Clipped (train.grad_clip = 1).
+  np.testing.assert_allclose(flat_norms, norms, rtol=1e-6)
+  for name in params:
+    assert np.abs(np.asarray(per_param[name]) - params[name]).min() > 0
+    np.testing.assert_allclose(flat[name], per_param[name], atol=1e-6)
+  assert len(moments) == 4 and [m.shape for m in flat_moments] == [(16,), (16,)]
+
+
+def test_flattened_optimizer_refuses_meshes_that_shard_parameters():
+  cfg = default_config().train
+  cfg.flatten_optimizer = True
+  optimizer.check_flatten(cfg, types.SimpleNamespace(shape={'data': 8, 'fsdp': 1, 'tensor': 1,
+                                                            'expert': 1}))
+  mesh = types.SimpleNamespace(shape={'data': 2, 'fsdp': 1, 'tensor': 4, 'expert': 1})
+  with pytest.raises(UserError, match=r'mesh.tensor=4 .*flatten_optimizer=False'):
+    optimizer.check_flatten(cfg, mesh)
+  cfg.flatten_optimizer = False
+  optimizer.check_flatten(cfg, mesh)
 
 
 def test_nan_loss_stops_with_a_clear_error(tiny_corpus, tmp_path):

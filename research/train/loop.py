@@ -19,6 +19,7 @@ from research import parallel
 from research import perf
 from research.checkpoint import Checkpointer
 from research.errors import UserError
+from research.train import optimizer
 from research.train.optimizer import make_optimizer, make_schedule
 
 Batch = dict[str, np.ndarray]
@@ -76,8 +77,11 @@ class Preempted:
 
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
-                    state_sharding: Any = None, batch_sharding: Any = None):
+                    state_sharding: Any = None, batch_sharding: Any = None,
+                    flat_optimizer: bool = False):
   """One micro-step: loss, grads, optimiser update. `index` = step * accum + micro seeds dropout.
+
+  flat_optimizer: `tx` was made with train.flatten_optimizer (see optimizer.grad_norm).
 
   With shardings, the state stays sharded as given (donated, updated in place) and batches
   arrive sharded over the batch axes.
@@ -87,8 +91,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
     (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state.params, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state), {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-                                            **aux}
+    return TrainState(params, opt_state), {
+        'loss': loss, 'grad_norm': optimizer.grad_norm(grads, flat_optimizer), **aux}
   options = perf.compiler_options()
   if state_sharding is None:
     return jax.jit(train_step, donate_argnums=0, compiler_options=options)
@@ -133,6 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   is_main = jax.process_index() == 0
   tx = make_optimizer(cfg)
   mesh = parallel.make_mesh(config.mesh)
+  optimizer.check_flatten(cfg, mesh)
   micro_batch = cfg.batch_size // cfg.grad_accum_steps
   parallel.check_batch(micro_batch, mesh)
   rows, batch_sharding = parallel.process_slice(micro_batch), parallel.batch_sharding(mesh)
@@ -162,8 +167,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   schedule = make_schedule(cfg)
   first = get_batch(start, 0)
   t0 = time.perf_counter()
-  train_step = make_train_step(task, tx, config.seed, state_sharding, batch_sharding).lower(
-      state, first, np.int32(0)).compile()
+  train_step = make_train_step(task, tx, config.seed, state_sharding, batch_sharding,
+                               cfg.flatten_optimizer).lower(state, first, np.int32(0)).compile()
   compile_sec = time.perf_counter() - t0
   eval_step = jax.jit(task.eval_fn)
   eval_batches = [parallel.to_global({k: v[rows] for k, v in b.items()}, batch_sharding)
