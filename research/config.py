@@ -208,8 +208,9 @@ def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     diffs = [f'{s}.{k}: {saved.get(s, {}).get(k)!r} there, {v!r} now'
              for s in FIXED_SECTIONS for k, v in current[s].items()
              if saved.get(s, {}).get(k) != v and (s, k) not in FREE_KEYS]
-    diffs += [f'{s}.{k}: {saved.get(s, {}).get(k, old)!r} there, {current[s][k]!r} now'
-              for (s, k), old in FIXED_KEYS.items() if saved.get(s, {}).get(k, old) != current[s][k]]
+    for (s, k), old in FIXED_KEYS.items():
+      if saved.get(s, {}).get(k, old) != current[s][k]:
+        diffs.append(f'{s}.{k}: {saved.get(s, {}).get(k, old)!r} there, {current[s][k]!r} now')
     if diffs:
       raise UserError(f'{workdir} holds a run with another config ({"; ".join(diffs[:3])}); '
                       'use a new --workdir, or the settings it was made with.')
