@@ -20,9 +20,14 @@ from research.nn.position import sinusoidal_table
 Cache = dict[str, Any]
 
 
-def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+def make_norm(cfg: ModelConfig, name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """LayerNorm or RMSNorm (cfg.norm) over the last axis of x [..., d], as a child `name` of the
+  calling compact module. It runs on the 2-D view [tokens, d]: its backward then sums the scale
+  and bias gradients over one token axis, which XLA:CPU reduces ~8x faster than over [batch,
+  seq] (bench/train_throughput.py's (a) -1.5%)."""
   cls = nn.LayerNorm if cfg.norm == 'layernorm' else nn.RMSNorm
-  return cls(dtype=cfg.dtype, name=name)
+  layer = cls(dtype=cfg.dtype, name=name)
+  return lambda x: layer(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
 class Block(nn.Module):
