@@ -59,11 +59,11 @@ def setup(config, vocab: int):
   model = DecoderLM(config_lib.model_config(config, vocab))
   tokens = np.random.default_rng(0).integers(0, vocab, 200_000).astype(np.uint16)
   task = pretrain.make_task(config, model, tokens, tokens)
-  tx = make_optimizer(config.train)
+  flat = config_lib.flat_optimizer(config)
+  tx = make_optimizer(config.train, flat)
   state = jax.jit(lambda k: loop.TrainState(p := task.init_params(k), tx.init(p)))(
       jax.random.key(0))
   t0 = time.perf_counter()
-  flat = config.train.flatten_optimizer
   step_fn = loop.make_train_step(task, tx, 0, flat_optimizer=flat).lower(
       state, task.train_batch(0, 0, slice(None)), np.int32(0)).compile()
   return task, state, step_fn, time.perf_counter() - t0

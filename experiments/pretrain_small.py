@@ -24,7 +24,7 @@ def get_config():
   c.model.update(num_layers=4, num_heads=6, d_model=192, max_len=128)
   c.train.update(steps=700, batch_size=16, seq_len=128, learning_rate=2e-3, warmup_steps=50,
                  eval_every=100, checkpoint_every=100, log_every=25,
-                 flatten_optimizer=True)  # Off for meshes that shard parameters.
+                 flatten_optimizer=True)
   c.sampling.update(prompt='def ', max_new_tokens=120)
   return c
 

@@ -43,7 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
       b2=0.95,
       grad_clip=1.0,
       # Clipping and Adam over all gradients as one vector (research/train/optimizer.py): faster
-      # for small models; not with meshes that shard parameters (fsdp/tensor/expert > 1).
+      # for small models. Applies when the mesh keeps parameters whole (see `flat_optimizer`).
       flatten_optimizer=False,
       log_every=50,
       eval_every=250,
@@ -187,15 +187,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 # Sections that fix what a workdir holds (weights, tokenizer, token caches): a rerun in the same
-# workdir must keep them; train.* (but FIXED_KEYS) and sampling.* may change between runs (e.g.
-# more steps).
+# workdir must keep them, and the optimizer state's layout (`flat_optimizer`); train.*, mesh.* and
+# sampling.* may otherwise change between runs (e.g. more steps).
 FIXED_SECTIONS = ('model', 'tokenizer', 'data')
 # Keys of those sections that say how to compute, not what: free to change (and absent from
 # workdirs made before they existed).
 FREE_KEYS = (('model', 'attention'),)
-# Keys of other sections that fix the checkpoints' layout, with the value of workdirs made before
-# they existed.
-FIXED_KEYS = {('train', 'flatten_optimizer'): False}
+# Mesh axes that shard parameters (research/parallel.py).
+PARAM_AXES = ('fsdp', 'tensor', 'expert')
+
+
+def flat_optimizer(config) -> bool:
+  """Whether the optimizer state is one flat vector: train.flatten_optimizer, and a mesh that
+  keeps parameters whole (mesh.fsdp = tensor = expert = 1; a flat vector cannot follow the
+  parameters' sharding). `config` may be a saved config.json (a dict, perhaps without the key)."""
+  mesh = config.get('mesh', {})
+  return (bool(config['train'].get('flatten_optimizer', False))
+          and all(mesh.get(a, 1) == 1 for a in PARAM_AXES))
 
 
 def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -208,9 +216,10 @@ def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     diffs = [f'{s}.{k}: {saved.get(s, {}).get(k)!r} there, {v!r} now'
              for s in FIXED_SECTIONS for k, v in current[s].items()
              if saved.get(s, {}).get(k) != v and (s, k) not in FREE_KEYS]
-    for (s, k), old in FIXED_KEYS.items():
-      if saved.get(s, {}).get(k, old) != current[s][k]:
-        diffs.append(f'{s}.{k}: {saved.get(s, {}).get(k, old)!r} there, {current[s][k]!r} now')
+    layouts = [('per parameter', 'flat')[flat_optimizer(c)] for c in (saved, current)]
+    if layouts[0] != layouts[1]:  # Its checkpoints would not restore.
+      diffs.append(f'optimizer state {layouts[0]} there, {layouts[1]} now (train.flatten_optimizer '
+                   f'with mesh.{"/".join(PARAM_AXES)} = 1 makes it flat)')
     if diffs:
       raise UserError(f'{workdir} holds a run with another config ({"; ".join(diffs[:3])}); '
                       'use a new --workdir, or the settings it was made with.')

@@ -43,7 +43,6 @@ def main(argv: list[str]) -> None:
   config = tiny_config(corpus, steps=5, batch_size=8, eval_every=5, checkpoint_every=5)
   config.model.update(mesh.pop('model', {}))  # E.g. MoE settings for expert parallelism.
   config.mesh.update({**dict(data=1, fsdp=1, tensor=1, expert=1), **mesh})
-  config.train.flatten_optimizer = all(config.mesh[a] == 1 for a in ('fsdp', 'tensor', 'expert'))
   config.sampling.update(temperature=0.0, max_new_tokens=12)
   if jax.process_index() == 0:
     config_lib.save_to_workdir(config, workdir)

@@ -83,8 +83,9 @@ def test_workdir_of_another_model_is_refused_and_kept(tiny_corpus, tmp_path):
 
 
 def test_optimizer_layout_is_fixed_in_a_workdir(tmp_path):
-  """train.flatten_optimizer sets the checkpoints' layout: a workdir made before the key (per
-  parameter) resumes with False and refuses True; one made with True refuses False."""
+  """A workdir's checkpoints hold a flat or a per-parameter optimizer state (flat_optimizer):
+  made before train.flatten_optimizer existed, it resumes per parameter and refuses flat; made
+  flat, it resumes on another data-parallel mesh but not on one that shards parameters."""
   config = default_config()
   saved = json.loads(config.to_json())
   del saved['train']['flatten_optimizer']
@@ -92,11 +93,13 @@ def test_optimizer_layout_is_fixed_in_a_workdir(tmp_path):
   (tmp_path / 'old' / 'config.json').write_text(json.dumps(saved))
   config_lib.save_to_workdir(config, str(tmp_path / 'old'))
   config.train.flatten_optimizer = True
-  with pytest.raises(UserError, match='train.flatten_optimizer: False there, True now'):
+  with pytest.raises(UserError, match='optimizer state per parameter there, flat now'):
     config_lib.save_to_workdir(config, str(tmp_path / 'old'))
   config_lib.save_to_workdir(config, str(tmp_path / 'new'))
-  config.train.update(flatten_optimizer=False, steps=5)
-  with pytest.raises(UserError, match='train.flatten_optimizer: True there, False now'):
+  config.mesh.data, config.train.steps = 4, 5
+  config_lib.save_to_workdir(config, str(tmp_path / 'new'))
+  config.mesh.fsdp = 2
+  with pytest.raises(UserError, match='optimizer state flat there, per parameter now'):
     config_lib.save_to_workdir(config, str(tmp_path / 'new'))
 
 

@@ -8,19 +8,19 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from research import config as config_lib
 from research.checkpoint import Checkpointer
 from research.config import default_config
 from research.data import lm
 from research.errors import UserError
 from research.metrics import read_jsonl
-from research.train import loop, optimizer, pretrain
+from research.train import loop, pretrain
 from research.train.optimizer import make_optimizer
 from tests.conftest import tiny_config
 
@@ -120,8 +120,8 @@ def test_gradient_accumulation_equals_the_big_batch():
 
 
 def test_flattened_optimizer_equals_adamw_per_parameter():
-  """train.flatten_optimizer: the same updates (clipping active, decay on matrices only) and the
-  same grad_norm metric as the per-parameter AdamW, with a flat moment vector."""
+  """The flat optimizer (train.flatten_optimizer): the same updates (clipping active, decay on
+  matrices only) and grad_norm metric as the per-parameter AdamW, with a flat moment vector."""
   rng = np.random.default_rng(0)
   params = {'w': rng.normal(size=(3, 4)).astype(np.float32),
             'b': rng.normal(size=(4,)).astype(np.float32)}
@@ -137,8 +137,8 @@ def test_flattened_optimizer_equals_adamw_per_parameter():
   results = []
   for flat in (False, True):
     cfg = default_config().train
-    cfg.update(flatten_optimizer=flat, warmup_steps=0, schedule='constant', learning_rate=0.1)
-    tx = make_optimizer(cfg)
+    cfg.update(warmup_steps=0, schedule='constant', learning_rate=0.1)
+    tx = make_optimizer(cfg, flat)
     p = jax.tree.map(jnp.asarray, params)  # The step donates (deletes) its input state.
     state = loop.TrainState(p, tx.init(p))
     step = loop.make_train_step(task, tx, seed=0, flat_optimizer=flat)
@@ -157,16 +157,18 @@ def test_flattened_optimizer_equals_adamw_per_parameter():
   assert len(moments) == 4 and [m.shape for m in flat_moments] == [(16,), (16,)]
 
 
-def test_flattened_optimizer_refuses_meshes_that_shard_parameters():
-  cfg = default_config().train
-  cfg.flatten_optimizer = True
-  optimizer.check_flatten(cfg, types.SimpleNamespace(shape={'data': 8, 'fsdp': 1, 'tensor': 1,
-                                                            'expert': 1}))
-  mesh = types.SimpleNamespace(shape={'data': 2, 'fsdp': 1, 'tensor': 4, 'expert': 1})
-  with pytest.raises(UserError, match=r'mesh.tensor=4 .*flatten_optimizer=False'):
-    optimizer.check_flatten(cfg, mesh)
-  cfg.flatten_optimizer = False
-  optimizer.check_flatten(cfg, mesh)
+def test_optimizer_is_flat_only_on_meshes_that_keep_parameters_whole(tiny_corpus):
+  config = tiny_config(tiny_corpus)  # pretrain_small's: train.flatten_optimizer=True.
+  assert config_lib.flat_optimizer(config)
+  config.mesh.data = 8
+  assert config_lib.flat_optimizer(config)
+  for axis, size in (('fsdp', -1), ('tensor', 4), ('expert', 2)):
+    sharded = json.loads(config.to_json())
+    sharded['mesh'][axis] = size
+    assert not config_lib.flat_optimizer(sharded)
+  saved = json.loads(config.to_json())
+  del saved['train']['flatten_optimizer']  # A workdir made before the key.
+  assert not config_lib.flat_optimizer(saved)
 
 
 def test_nan_loss_stops_with_a_clear_error(tiny_corpus, tmp_path):

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from research import config as config_lib
 from research import metrics as metrics_lib
 from research import parallel
 from research import perf
@@ -81,7 +82,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
                     flat_optimizer: bool = False):
   """One micro-step: loss, grads, optimiser update. `index` = step * accum + micro seeds dropout.
 
-  flat_optimizer: `tx` was made with train.flatten_optimizer (see optimizer.grad_norm).
+  flat_optimizer: `tx` was made with flat=True (see optimizer.grad_norm).
 
   With shardings, the state stays sharded as given (donated, updated in place) and batches
   arrive sharded over the batch axes.
@@ -116,7 +117,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
                    init_params: Callable[[jax.Array], Params]) -> tuple[Params, int]:
   """The parameters of the latest checkpoint in `workdir` and its step, on one device (for
   inference), whatever mesh the checkpoint was saved from."""
-  tx = make_optimizer(config.train)
+  tx = make_optimizer(config.train, config_lib.flat_optimizer(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -135,9 +136,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   """Trains `task` to config.train.steps in `workdir`, resuming from its latest checkpoint."""
   cfg = config.train
   is_main = jax.process_index() == 0
-  tx = make_optimizer(cfg)
+  flat = config_lib.flat_optimizer(config)
+  tx = make_optimizer(cfg, flat)
   mesh = parallel.make_mesh(config.mesh)
-  optimizer.check_flatten(cfg, mesh)
   micro_batch = cfg.batch_size // cfg.grad_accum_steps
   parallel.check_batch(micro_batch, mesh)
   rows, batch_sharding = parallel.process_slice(micro_batch), parallel.batch_sharding(mesh)
@@ -168,7 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   first = get_batch(start, 0)
   t0 = time.perf_counter()
   train_step = make_train_step(task, tx, config.seed, state_sharding, batch_sharding,
-                               cfg.flatten_optimizer).lower(state, first, np.int32(0)).compile()
+                               flat).lower(state, first, np.int32(0)).compile()
   compile_sec = time.perf_counter() - t0
   eval_step = jax.jit(task.eval_fn)
   eval_batches = [parallel.to_global({k: v[rows] for k, v in b.items()}, batch_sharding)

@@ -25,21 +25,22 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
   raise UserError(f"train.schedule={cfg.schedule!r} is not one of ('cosine', 'linear', 'constant').")
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   flat: bool = False) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; weight decay only on matrices (not norms or biases).
 
-  With train.flatten_optimizer, clipping and Adam's moments run over all gradients concatenated
-  into one vector (optax.flatten): a few large operations instead of several per parameter (878
-  -> 569 operations in a 4-layer train step; bench/train_throughput.py's (a) -3%). The same
-  maths; the moments are then one vector, which the sharding rules cannot split, so it is for
-  meshes that keep parameters whole (see `check_flatten`).
+  With `flat` (config.flat_optimizer: train.flatten_optimizer on a mesh that keeps parameters
+  whole), clipping and Adam's moments run over all gradients concatenated into one vector
+  (optax.flatten): a few large operations instead of several per parameter (878 -> 569 operations
+  in a 4-layer train step; bench/train_throughput.py's (a) -3%). The same maths; the moments are
+  then one vector, which the sharding rules cannot split.
   With train.grad_accum_steps = k > 1 the update is applied every k calls (optax.MultiSteps),
   each call seeing one micro-batch of train.batch_size / k examples.
   """
   clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
   schedule = make_schedule(cfg)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  if cfg.get('flatten_optimizer', False):  # Absent from the configs of older workdirs.
+  if flat:
     # optax.adamw is this chain, with its Adam part (and the clipping) flattened.
     tx = optax.chain(optax.flatten(optax.chain(clip, optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2))),
                      optax.add_decayed_weights(cfg.weight_decay, decay_mask),
@@ -50,16 +51,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   if cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
   return tx
-
-
-def check_flatten(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """train.flatten_optimizer needs a mesh that does not shard parameters."""
-  sharding = {a: mesh.shape[a] for a in ('fsdp', 'tensor', 'expert') if mesh.shape[a] > 1}
-  if cfg.flatten_optimizer and sharding:
-    axes = ', '.join(f'mesh.{a}={n}' for a, n in sharding.items())
-    raise UserError(f'{axes} shards the parameters, but train.flatten_optimizer=True keeps the '
-                    "optimizer's moments in one unsharded vector; add "
-                    '--config.train.flatten_optimizer=False.')
 
 
 def grad_norm(grads, flat: bool) -> jax.Array:
