@@ -128,3 +128,26 @@ def test_attention_implementations_give_the_same_model():
   for a, b in zip(jax.value_and_grad(lambda p: loss(model, p))(params),
                   jax.value_and_grad(lambda p: loss(model_xla, p))(params)):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, b)
+
+
+@pytest.mark.parametrize('center, dtype', [(True, jnp.float32), (False, jnp.float32),
+                                           (True, jnp.bfloat16)])
+def test_norm_and_its_gradients_equal_flax(center, dtype):
+  """Ours (row means as matrix-vector products, hand-written backward) against flax.linen's
+  LayerNorm / RMSNorm: outputs and the gradients of x, scale and bias."""
+  import flax.linen as nn
+  from research.nn.norm import Norm
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 5, 16))
+  cot = jax.random.normal(jax.random.key(1), x.shape)
+  ref_module = (nn.LayerNorm if center else nn.RMSNorm)(dtype=dtype)
+  params = ref_module.init(jax.random.key(2), x)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(3), p.shape), params)
+  results = []
+  for module in (Norm(center=center, dtype=dtype), ref_module):
+    out, vjp = jax.vjp(lambda p, x: module.apply(p, x.astype(dtype)), params, x)
+    assert out.dtype == dtype
+    results.append((out.astype(jnp.float32), *vjp(cot.astype(dtype))))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for name, a, r in zip(['out', 'dparams', 'dx'], *results):
+    jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, atol=tol, rtol=tol, err_msg=name),
+                 a, r)

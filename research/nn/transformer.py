@@ -13,6 +13,7 @@ from research.nn.attention import Attention, attention_mask, dense
 from research.nn.config import ModelConfig
 from research.nn.ffn import FeedForward
 from research.nn.moe import MoE
+from research.nn.norm import Norm
 from research.nn.position import sinusoidal_table
 
 # {'index': [], 'pos'/'seg': [batch, len], 'layers': {block_i: {'k', 'v'}}}; encoder-decoder models
@@ -20,14 +21,9 @@ from research.nn.position import sinusoidal_table
 Cache = dict[str, Any]
 
 
-def make_norm(cfg: ModelConfig, name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
-  """LayerNorm or RMSNorm (cfg.norm) over the last axis of x [..., d], as a child `name` of the
-  calling compact module. It runs on the 2-D view [tokens, d]: its backward then sums the scale
-  and bias gradients over one token axis, which XLA:CPU reduces ~8x faster than over [batch,
-  seq] (bench/train_throughput.py's (a) -1.5%)."""
-  cls = nn.LayerNorm if cfg.norm == 'layernorm' else nn.RMSNorm
-  layer = cls(dtype=cfg.dtype, name=name)
-  return lambda x: layer(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+def make_norm(cfg: ModelConfig, name: str) -> Norm:
+  """LayerNorm or RMSNorm (cfg.norm), as a child `name` of the calling compact module."""
+  return Norm(center=cfg.norm == 'layernorm', dtype=cfg.dtype, name=name)
 
 
 class Block(nn.Module):
