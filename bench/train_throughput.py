@@ -9,7 +9,8 @@ d width, T sequence length (attention counted as if not causal, as in PaLM). On 
 accelerators the peak is the data sheet's bf16 figure. On CPU it is measured: a large jitted
 float32 matmul, timed after every window of steps (the best of 3 runs), because a shared
 machine's speed drifts by 2x within a minute; MFU is the median over windows of (the window's
-FLOP/s / the matmul's FLOP/s next to it), with its p10-p90 spread. Token ids are random (speed
+FLOP/s / the matmul's FLOP/s next to it), with its p10-p90 spread; windows are timed for at
+least --steps steps and --min-seconds seconds (a fast workload gets more of them). Token ids are random (speed
 does not depend on them) but batches go through the real batching code, so the data-wait share
 is real.
 """
@@ -70,11 +71,12 @@ def setup(config, vocab: int):
 
 
 def bench(config, vocab: int, steps: int, warmup: int, window: int,
-          peak: Optional[float]) -> dict:
-  """Times `steps` train steps after `warmup`, in windows of `window` steps dispatched back to
-  back (the training loop, too, dispatches step n+1 before it reads step n's loss). peak: the
-  hardware's FLOP/s, or None to measure it with a large matmul after every window (see the module
-  docstring)."""
+          peak: Optional[float], min_seconds: float = 0.0) -> dict:
+  """Times at least `steps` train steps after `warmup`, in windows of `window` steps dispatched
+  back to back (the training loop, too, dispatches step n+1 before it reads step n's loss), and
+  more windows until `min_seconds` have passed (so that a fast workload's median is over enough
+  windows). peak: the hardware's FLOP/s, or None to measure it with a large matmul after every
+  window (see the module docstring)."""
   t = config.train
   task, state, step_fn, compile_sec = setup(config, vocab)
   tokens = t.batch_size * t.seq_len
@@ -84,7 +86,8 @@ def bench(config, vocab: int, steps: int, warmup: int, window: int,
     state, out = step_fn(state, task.train_batch(i, 0, slice(None)), np.int32(i))
   jax.block_until_ready(state)
   times, peaks, data_sec = [], [], 0.0
-  for start in range(warmup, warmup + steps, window):
+  start, began = warmup, time.perf_counter()
+  while start < warmup + steps or time.perf_counter() - began < min_seconds:
     t0 = time.perf_counter()
     for i in range(start, start + window):
       t1 = time.perf_counter()
@@ -94,9 +97,11 @@ def bench(config, vocab: int, steps: int, warmup: int, window: int,
     jax.block_until_ready((state, out))
     times.append((time.perf_counter() - t0) / window)
     peaks.append(max(probe() for _ in range(3)))  # The first run is slow after a long step.
+    start += window
   times, peaks = np.array(times), np.array(peaks)
   mfu = flops_per_step / times / peaks
-  return dict(params=perf.param_count(state.params), ms_median=float(np.median(times) * 1e3),
+  return dict(params=perf.param_count(state.params), steps=len(times) * window,
+              ms_median=float(np.median(times) * 1e3),
               ms_p10=float(np.percentile(times, 10) * 1e3),
               ms_p90=float(np.percentile(times, 90) * 1e3),
               tokens_per_sec=float(tokens / np.median(times)),
@@ -110,7 +115,9 @@ def bench(config, vocab: int, steps: int, warmup: int, window: int,
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workloads', default='a,b,c,d')
-  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--steps', type=int, default=20, help='timed steps, at least')
+  parser.add_argument('--min-seconds', type=float, default=10.0,
+                      help='keep timing windows until this long has passed (fast workloads)')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--window', type=int, default=4,
                       help='steps per timing window (the MFU and ms/step spreads are over windows)')
@@ -121,17 +128,18 @@ def main() -> None:
   rows = []
   for name in args.workloads.split(','):
     config, vocab = workload(name)
-    r = dict(workload=name, **bench(config, vocab, args.steps, args.warmup, args.window, peak))
+    r = dict(workload=name, **bench(config, vocab, args.steps, args.warmup, args.window, peak,
+                                    args.min_seconds))
     rows.append(r)
     if args.json:
       print(json.dumps(r), flush=True)
   if args.json:
     return
   print(f'peak: {source}; MFU = tokens/s * (6N + 12*L*d*T) / peak')
-  print(f'{"workload":8} {"params":>10} {"ms/step":>9} {"p10-p90":>13} {"tokens/s":>10} '
-        f'{"peak GF/s":>9} {"MFU":>6} {"p10-p90":>11} {"compile s":>9} {"data":>6}')
+  print(f'{"workload":8} {"params":>10} {"steps":>5} {"ms/step":>9} {"p10-p90":>13} '
+        f'{"tokens/s":>10} {"peak GF/s":>9} {"MFU":>6} {"p10-p90":>11} {"compile s":>9} {"data":>6}')
   for r in rows:
-    print(f'{r["workload"]:8} {r["params"]:>10,} {r["ms_median"]:>9.1f} '
+    print(f'{r["workload"]:8} {r["params"]:>10,} {r["steps"]:>5} {r["ms_median"]:>9.1f} '
           f'{r["ms_p10"]:>6.1f}-{r["ms_p90"]:<6.1f} {r["tokens_per_sec"]:>10,.0f} '
           f'{r["peak"] / 1e9:>9.1f} {r["mfu"]:>6.1%} {r["mfu_p10"]:>5.1%}-{r["mfu_p90"]:<5.1%} '
           f'{r["compile_sec"]:>9.1f} {r["data_frac"]:>6.2%}')
