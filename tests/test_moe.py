@@ -276,3 +276,35 @@ def test_flops_count_only_the_active_experts():
     shapes = jax.eval_shape(DecoderLM(cfg).init, jax.random.key(0), tokens)['params']
     count[name] = perf.matmul_param_count(shapes, cfg.moe_top_k / cfg.num_experts)
   assert count['moe'] == count['dense'] + 2 * (2 * D * 4)
+
+
+def test_gathers_equal_the_one_hot_einsums_of_gshard():
+  """dispatch/combine (gathers) against GShard's dense formulation, with dropped tokens and
+  padding: the experts' inputs, the output, and the gradients wrt x, expert outputs and gates."""
+  k, slots = 2, 3
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(G, S, E)), jnp.float32)
+  gates, routed = moe.top_k_gates(logits, k)
+  routed = routed * jnp.asarray(np.arange(S) < [[S], [S - 2]])[..., None]  # Row 1: 2 padding.
+  slot, kept = moe.assign_slots(routed, slots)
+  assert 0 < float(kept.sum()) < float(routed.sum())  # Some tokens are dropped.
+  x = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float32)
+  y_experts = jnp.asarray(rng.normal(size=(E, G, slots, D)), jnp.float32)
+  one_hot = kept[..., None] * jax.nn.one_hot(slot, slots)  # [G, S, E, C]
+
+  def ours(x, y_experts, gates):
+    return (moe.dispatch(x, slot, kept, slots),
+            moe.combine(y_experts, gates, routed, slot, kept, k))
+
+  def gshard(x, y_experts, gates):
+    return (jnp.einsum('gsec,gsd->egcd', one_hot, x),
+            jnp.einsum('gsec,egcd->gsd', one_hot * gates[..., None], y_experts))
+
+  cotangents = (jnp.asarray(rng.normal(size=(E, G, slots, D)), jnp.float32),
+                jnp.asarray(rng.normal(size=(G, S, D)), jnp.float32))
+  results = []
+  for fn in (ours, gshard):
+    out, vjp = jax.vjp(fn, x, y_experts, gates)
+    results.append((*out, *vjp(cotangents)))
+  for name, a, b in zip(['x_experts', 'y', 'dx', 'dy_experts', 'dgates'], *results):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=name)

@@ -1,8 +1,11 @@
 """Mixture-of-Experts feed-forward: noisy top-k router, capacity-limited experts, balancing losses.
 
-Noisy top-k gating and the importance and load losses follow Shazeer et al. 2017; dispatch and
-combine tensors with a per-expert capacity follow GShard (Lepikhin et al. 2020); the aux loss
-follows the Switch Transformer (Fedus et al. 2021) and the router z-loss ST-MoE (Zoph et al. 2022).
+Noisy top-k gating and the importance and load losses follow Shazeer et al. 2017; the per-expert
+capacity and its slots in token order follow GShard (Lepikhin et al. 2020), though tokens reach
+their slots by gathers instead of GShard's one-hot einsums (whose [G, S, E, C] x [G, S, D]
+products cost more than the experts at 4 experts; bench/train_throughput.py's (d) -15%); the aux
+loss follows the Switch Transformer (Fedus et al. 2021) and the router z-loss ST-MoE (Zoph et al.
+2022).
 
 Letters in tensor names: G groups (the batch rows), S tokens per group (the sequence), E experts,
 C capacity (slots per expert and group), K experts per token, D d_model.
@@ -93,15 +96,40 @@ def capacity(cfg: ModelConfig, group_size: int) -> int:
   return min(group_size, slots)
 
 
-def dispatch_and_combine(gates_GxSxE: jnp.ndarray, routed_GxSxE: jnp.ndarray, num_slots: int
-                         ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """(dispatch, combine) [G, S, E, C] for C = num_slots: token s fills the next free slot of each
-  of its experts in sequence order, so an overfull expert drops its later tokens (and a token's
-  routing never depends on later tokens). dispatch is 0/1, combine holds the gates."""
+def assign_slots(routed_GxSxE: jnp.ndarray, num_slots: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(slot [G, S, E] int32, kept [G, S, E] float32): token s fills the next free slot of each of
+  its experts in sequence order, so an overfull expert drops its later tokens (and a token's
+  routing never depends on later tokens). kept is 1 where a routed token got a slot < num_slots."""
   slot_GxSxE = jnp.cumsum(routed_GxSxE, axis=1).astype(jnp.int32) - 1
-  kept_GxSxE = routed_GxSxE * (slot_GxSxE < num_slots)
-  dispatch_GxSxExC = kept_GxSxE[..., None] * jax.nn.one_hot(slot_GxSxE, num_slots)
-  return dispatch_GxSxExC, dispatch_GxSxExC * gates_GxSxE[..., None]
+  return slot_GxSxE, routed_GxSxE * (slot_GxSxE < num_slots)
+
+
+def dispatch(x_GxSxD: jnp.ndarray, slot_GxSxE: jnp.ndarray, kept_GxSxE: jnp.ndarray,
+             num_slots: int) -> jnp.ndarray:
+  """Each expert's inputs [E, G, C, D], C = num_slots: slot c of expert e in group g holds the
+  token that `assign_slots` put there (zeros in empty slots). A gather: the token in slot c is
+  the number of tokens whose running count of kept tokens is still <= c."""
+  g, s, d = x_GxSxD.shape
+  count_GxSxE = jnp.cumsum(kept_GxSxE, axis=1)
+  token_GxExC = jnp.sum(count_GxSxE[..., None] <= jnp.arange(num_slots), axis=1)  # s, or S.
+  row_ExGxC = jnp.where(token_GxExC < s, token_GxExC + s * jnp.arange(g)[:, None, None],
+                        g * s).transpose(1, 0, 2)  # g * s: out of range, filled with 0.
+  return jnp.take(x_GxSxD.reshape(g * s, d), row_ExGxC, axis=0, mode='fill', fill_value=0)
+
+
+def combine(y_ExGxCxD: jnp.ndarray, gates_GxSxE: jnp.ndarray, routed_GxSxE: jnp.ndarray,
+            slot_GxSxE: jnp.ndarray, kept_GxSxE: jnp.ndarray, k: int) -> jnp.ndarray:
+  """[G, S, D]: each token's sum over its k routed experts of gate * that expert's output in the
+  token's slot; a gather of k rows per token. A dropped token's (or padding's) weight is 0, so
+  the row it reads does not matter (an index out of range reads 0)."""
+  e, g, c, d = y_ExGxCxD.shape
+  expert_GxSxK = jax.lax.top_k(routed_GxSxE, k)[1]
+  pick = lambda t_GxSxE: jnp.take_along_axis(t_GxSxE, expert_GxSxK, axis=-1)
+  weight_GxSxK = pick(gates_GxSxE * kept_GxSxE)
+  row_GxSxK = (expert_GxSxK * g + jnp.arange(g)[:, None, None]) * c + pick(slot_GxSxE)
+  y_GxSxKxD = jnp.take(y_ExGxCxD.reshape(e * g * c, d), row_GxSxK, axis=0, mode='fill',
+                       fill_value=0)
+  return jnp.einsum('gsk,gskd->gsd', weight_GxSxK.astype(y_GxSxKxD.dtype), y_GxSxKxD)
 
 
 class Router(nn.Module):
@@ -153,14 +181,14 @@ class MoE(nn.Module):
     logits_GxSxE, gates_GxSxE, routed_GxSxE, load_GxSxE = Router(cfg, name='router')(
         x_GxSxD, deterministic)
     routed_GxSxE *= token_mask_GxS[..., None]
-    dispatch_GxSxExC, combine_GxSxExC = dispatch_and_combine(
-        gates_GxSxE, routed_GxSxE, capacity(cfg, x_GxSxD.shape[1]))
+    num_slots = capacity(cfg, x_GxSxD.shape[1])
+    slot_GxSxE, kept_GxSxE = assign_slots(routed_GxSxE, num_slots)
     experts = nn.vmap(FeedForward, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=0, out_axes=0, axis_size=cfg.num_experts)
-    x_ExGxCxD = jnp.einsum('gsec,gsd->egcd', dispatch_GxSxExC.astype(cfg.dtype),
-                           x_GxSxD.astype(cfg.dtype))
+    x_ExGxCxD = dispatch(x_GxSxD.astype(cfg.dtype), slot_GxSxE, kept_GxSxE, num_slots)
     y_ExGxCxD = experts(cfg, self.out_scale, name='experts')(x_ExGxCxD)
-    y_GxSxD = jnp.einsum('gsec,egcd->gsd', combine_GxSxExC.astype(cfg.dtype), y_ExGxCxD)
+    y_GxSxD = combine(y_ExGxCxD, gates_GxSxE, routed_GxSxE, slot_GxSxE, kept_GxSxE,
+                      cfg.moe_top_k)
 
     losses = balance_losses(logits_GxSxE, gates_GxSxE, routed_GxSxE, token_mask_GxS, load_GxSxE)
     routed_E = routed_GxSxE.sum(axis=(0, 1))
@@ -170,7 +198,7 @@ class MoE(nn.Module):
         'aux_loss': sum(getattr(cfg, LOSS_WEIGHTS[name]) * loss for name, loss in losses.items()),
         'expert_frac_max': routed_E.max() / total,
         'expert_frac_min': routed_E.min() / total,
-        'dropped_frac': 1.0 - dispatch_GxSxExC.sum() / total,
+        'dropped_frac': 1.0 - kept_GxSxE.sum() / total,
     })
     return y_GxSxD.astype(x_GxSxD.dtype)
 
