@@ -55,7 +55,7 @@ def op_groups(hlo: str) -> dict[str, str]:
       ops = set(re.findall(r'= \S+ ([a-z\-]+)\(', body)) - {'parameter', 'constant', 'bitcast',
                                                             'broadcast', 'reshape'}
       kind = ('transposes/copies' if ops and ops <= {'copy', 'transpose'} else
-              'reductions' if 'reduce' in ops else 'elementwise')
+              'reductions' if ops & {'reduce', 'reduce-window'} else 'elementwise')
       groups[name] = kind
   return groups
 
