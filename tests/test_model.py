@@ -130,13 +130,16 @@ def test_attention_implementations_give_the_same_model():
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, b)
 
 
-@pytest.mark.parametrize('center, dtype', [(True, jnp.float32), (False, jnp.float32),
-                                           (True, jnp.bfloat16)])
-def test_norm_and_its_gradients_equal_flax(center, dtype):
-  """Ours (row means as matrix-vector products, hand-written backward) against flax.linen's
-  LayerNorm / RMSNorm: outputs and the gradients of x, scale and bias."""
+@pytest.mark.parametrize('center, dtype, backend', [
+    (True, jnp.float32, 'cpu'), (False, jnp.float32, 'cpu'), (True, jnp.bfloat16, 'cpu'),
+    (True, jnp.float32, 'gpu')])
+def test_norm_and_its_gradients_equal_flax(center, dtype, backend, monkeypatch):
+  """Ours (hand-written backward; row means as matrix-vector products on CPU, `mean` elsewhere)
+  against flax.linen's LayerNorm / RMSNorm: outputs and the gradients of x, scale and bias."""
   import flax.linen as nn
+  from research.nn import norm
   from research.nn.norm import Norm
+  monkeypatch.setattr(norm.jax, 'default_backend', lambda: backend)
   x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 5, 16))
   cot = jax.random.normal(jax.random.key(1), x.shape)
   ref_module = (nn.LayerNorm if center else nn.RMSNorm)(dtype=dtype)
