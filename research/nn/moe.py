@@ -4,8 +4,8 @@ Noisy top-k gating and the importance and load losses follow Shazeer et al. 2017
 capacity and its slots in token order follow GShard (Lepikhin et al. 2020), though tokens reach
 their slots by gathers instead of GShard's one-hot einsums (whose [G, S, E, C] x [G, S, D]
 products spend a third of the experts' FLOPs on copying rows at bench/train_throughput.py's (d);
-the gathers make its step 15% faster); the aux loss follows the Switch Transformer (Fedus et al. 2021) and the router z-loss ST-MoE (Zoph et al.
-2022).
+the gathers make its step 15% faster); the aux loss follows the Switch Transformer (Fedus et al.
+2021) and the router z-loss ST-MoE (Zoph et al. 2022).
 
 Letters in tensor names: G groups (the batch rows), S tokens per group (the sequence), E experts,
 C capacity (slots per expert and group), K experts per token, D d_model.
