@@ -10,9 +10,9 @@ accelerators the peak is the data sheet's bf16 figure. On CPU it is measured: a 
 float32 matmul, timed after every window of steps (the best of 3 runs), because a shared
 machine's speed drifts by 2x within a minute; MFU is the median over windows of (the window's
 FLOP/s / the matmul's FLOP/s next to it), with its p10-p90 spread; windows are timed for at
-least --steps steps and --min-seconds seconds (a fast workload gets more of them). Token ids are random (speed
-does not depend on them) but batches go through the real batching code, so the data-wait share
-is real.
+least --steps steps and --min-seconds seconds (a fast workload gets more of them). Token ids are
+random (speed does not depend on them) but batches go through the real batching code, so the
+data-wait share is real.
 """
 
 import argparse
@@ -137,7 +137,8 @@ def main() -> None:
     return
   print(f'peak: {source}; MFU = tokens/s * (6N + 12*L*d*T) / peak')
   print(f'{"workload":8} {"params":>10} {"steps":>5} {"ms/step":>9} {"p10-p90":>13} '
-        f'{"tokens/s":>10} {"peak GF/s":>9} {"MFU":>6} {"p10-p90":>11} {"compile s":>9} {"data":>6}')
+        f'{"tokens/s":>10} {"peak GF/s":>9} {"MFU":>6} {"p10-p90":>11} {"compile s":>9} '
+        f'{"data":>6}')
   for r in rows:
     print(f'{r["workload"]:8} {r["params"]:>10,} {r["steps"]:>5} {r["ms_median"]:>9.1f} '
           f'{r["ms_p10"]:>6.1f}-{r["ms_p90"]:<6.1f} {r["tokens_per_sec"]:>10,.0f} '

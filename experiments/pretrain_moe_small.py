@@ -9,7 +9,8 @@ Runtime and result on 2 CPU cores: 1 min 20 s end to end on a quiet machine (202
 27 s with the one-hot dispatch einsums before the gathers; 3.5-4.5 minutes when other jobs
 shared the cores); eval loss 2.115 / 2.096 (seeds 0 / 1) after 400 steps, with every expert of
 every layer getting 11.1-14.2% of the routed tokens (uniform 12.5%; the acceptance bounds are
-1/(4M) = 3.1% and 4/M = 50%) and 0.5-3.5% of the routed (token, expert) pairs dropped. tests/test_moe.py's slow test checks it.
+1/(4M) = 3.1% and 4/M = 50%) and 0.5-3.5% of the routed (token, expert) pairs dropped.
+tests/test_moe.py's slow test checks it.
 
 Dense vs MoE at equal active parameters (843k vs 835k: the router's 8k) and 400 steps:
 
