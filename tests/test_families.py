@@ -187,6 +187,26 @@ def test_seq2seq_decoding_matches_full_forward():
   np.testing.assert_array_equal(np.asarray(beams[:, 0]), want)
 
 
+def test_seq2seq_decode_steps_read_the_cross_attention_keys_from_the_cache():
+  """After the prefill, a decode step projects no source token: its FLOPs grow with the source
+  length by the attention over it (~4 d per source token and layer), not by the 4 d^2 per layer
+  of recomputing the source's keys and values."""
+  model = DecoderLM(ModelConfig(family='encoder_decoder', **SMALL))
+  params = init_decoder(model, jax.random.key(0))
+  bos = jnp.full((B, 1), 2, jnp.int32)
+
+  def decode_step_flops(src_len: int) -> float:
+    _, cache, positions = decoding.prefill(model, params, bos, jnp.ones((B, 1), bool), 4,
+                                           tokens(2, (B, src_len)), jnp.ones((B, src_len), bool))
+    assert cache['layers']['block_0']['cross']['k'].shape == (B, src_len, 4, 8)
+    step = jax.jit(lambda c: decoding.decode_step(model, params, bos[:, 0], positions, c))
+    return step.lower(cache).compile().cost_analysis()['flops']
+
+  d, layers = SMALL['d_model'], SMALL['num_layers']
+  per_source_token = (decode_step_flops(16) - decode_step_flops(8)) / (8 * B * layers)
+  assert 0 < per_source_token < d * d, per_source_token
+
+
 @pytest.mark.parametrize('kw, words', [
     (dict(stage='mlm'), 'model.family'),
     (dict(stage='seq2seq', family='encoder'), 'encoder_decoder'),

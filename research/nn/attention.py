@@ -151,9 +151,11 @@ def dense(x: jnp.ndarray, features: int, cfg: ModelConfig, name: str,
 
 
 class Attention(nn.Module):
-  """Self- or cross-attention. `out_scale` shrinks the output projection's init (GPT-2)."""
+  """Self-attention, or cross-attention (`cross`) to a source. `out_scale` shrinks the output
+  projection's init (GPT-2)."""
   cfg: ModelConfig
   out_scale: float = 1.0
+  cross: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray,
@@ -162,29 +164,39 @@ class Attention(nn.Module):
                ) -> tuple[jnp.ndarray, Optional[KVCache]]:
     """x: [batch, q_len, d_model]; mask: bool [batch, 1, q_len, k_len]; positions: [batch, q_len].
 
-    source: [batch, src_len, d_model] for cross-attention (keys/values from it, no RoPE).
-    cache/cache_index: with a cache, this step's keys/values are written at slot `cache_index`
-    and the queries attend over the whole cache (k_len = cache length). causal: the mask hides
-    every later key (see `dot_product_attention`). Returns (out, new cache).
+    Self-attention: with a cache, this step's keys/values are written at slot `cache_index` and
+    the queries attend over the whole cache (k_len = cache length); returns (out, new cache or
+    None). Cross-attention: keys/values (no RoPE) come from `source` [batch, src_len, d_model],
+    or, given no source, from `cache` as an earlier call returned it: (out, the source's keys and
+    values {'k', 'v'}), which a decoder computes once per source. causal: the mask hides every
+    later key (see `dot_product_attention`).
     """
     cfg = self.cfg
     b, t, _ = x.shape
-    kv_in = x if source is None else source
     q_BxTxNxH = dense(x, cfg.num_heads * cfg.head_dim, cfg, 'query').reshape(
         b, t, cfg.num_heads, cfg.head_dim)
-    k_BxSxKxH = dense(kv_in, cfg.kv_heads * cfg.head_dim, cfg, 'key').reshape(
-        b, kv_in.shape[1], cfg.kv_heads, cfg.head_dim)
-    v_BxSxKxH = dense(kv_in, cfg.kv_heads * cfg.head_dim, cfg, 'value').reshape(
-        k_BxSxKxH.shape)
-    if cfg.pos_encoding == 'rope' and source is None:
-      q_BxTxNxH = apply_rope(q_BxTxNxH, positions, cfg.rope_base)
-      k_BxSxKxH = apply_rope(k_BxSxKxH, positions, cfg.rope_base)
-    if cache is not None:
-      k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BxSxKxH.astype(cache['k'].dtype),
-                                                      cache_index, axis=1)
-      v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BxSxKxH.astype(cache['v'].dtype),
-                                                      cache_index, axis=1)
-      cache = {'k': k_BxSxKxH, 'v': v_BxSxKxH}
+    if self.cross and source is None:
+      if cache is None:
+        raise ValueError('cross-attention needs a source or the keys/values cached from one.')
+      k_BxSxKxH, v_BxSxKxH = cache['k'], cache['v']
+    else:
+      kv_in = source if self.cross else x
+      k_BxSxKxH = dense(kv_in, cfg.kv_heads * cfg.head_dim, cfg, 'key').reshape(
+          b, kv_in.shape[1], cfg.kv_heads, cfg.head_dim)
+      v_BxSxKxH = dense(kv_in, cfg.kv_heads * cfg.head_dim, cfg, 'value').reshape(
+          k_BxSxKxH.shape)
+      if self.cross:
+        cache = {'k': k_BxSxKxH, 'v': v_BxSxKxH}
+      else:
+        if cfg.pos_encoding == 'rope':
+          q_BxTxNxH = apply_rope(q_BxTxNxH, positions, cfg.rope_base)
+          k_BxSxKxH = apply_rope(k_BxSxKxH, positions, cfg.rope_base)
+        if cache is not None:
+          k_BxSxKxH, v_BxSxKxH = (
+              jax.lax.dynamic_update_slice_in_dim(cache[n], a.astype(cache[n].dtype),
+                                                  cache_index, axis=1)
+              for n, a in (('k', k_BxSxKxH), ('v', v_BxSxKxH)))
+          cache = {'k': k_BxSxKxH, 'v': v_BxSxKxH}
     out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype),
                                         v_BxSxKxH.astype(q_BxTxNxH.dtype), mask, cfg.attention,
                                         causal)

@@ -17,7 +17,8 @@ from research.nn.norm import Norm
 from research.nn.position import sinusoidal_table
 
 # {'index': [], 'pos'/'seg': [batch, len], 'layers': {block_i: {'k', 'v'}}}; encoder-decoder models
-# add the encoder output 'memory' [batch, src_len, d_model] and its 'memory_seg' [batch, src_len].
+# add the source's segment ids 'memory_seg' [batch, src_len] and, in every block, its
+# cross-attention keys/values 'cross': {'k', 'v'} [batch, src_len, kv_heads, head_dim].
 Cache = dict[str, Any]
 
 
@@ -41,22 +42,27 @@ class Block(nn.Module):
                source: Optional[jnp.ndarray] = None, source_mask: Optional[jnp.ndarray] = None
                ) -> tuple[jnp.ndarray, Optional[dict]]:
     """x: [batch, seq, d_model]; mask: [batch, 1, seq, keys]; token_mask: [batch, seq], 0 for
-    padding (the MoE routes only the others; default all 1). source: [batch, src_len, d_model]
-    (an encoder's output) adds cross-attention to it under source_mask [batch, 1, seq, src_len].
+    padding (the MoE routes only the others; default all 1). source_mask [batch, 1, seq, src_len]
+    adds cross-attention to source [batch, src_len, d_model] (an encoder's output); with a cache,
+    the source's keys/values are kept in it (cache['cross']), so later calls pass no source.
     Returns (x, this layer's new cache)."""
     cfg = self.cfg
     out_scale = 1.0 / np.sqrt(2 * cfg.num_layers)  # GPT-2: residual branches start small.
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
     pre = cfg.norm_position == 'pre'
     h = make_norm(cfg, 'ln_attn')(x) if pre else x
-    h, cache = Attention(cfg, out_scale, name='attn')(h, mask, positions, cache=cache,
-                                                      cache_index=cache_index, causal=self.causal)
+    h, new_cache = Attention(cfg, out_scale, name='attn')(
+        h, mask, positions, cache=cache, cache_index=cache_index, causal=self.causal)
     x = x + drop(h)
     if not pre:
       x = make_norm(cfg, 'ln_attn')(x)
-    if source is not None:  # Keys/values from the source are recomputed each call (no cache).
+    if source_mask is not None:
       h = make_norm(cfg, 'ln_cross')(x) if pre else x
-      h, _ = Attention(cfg, out_scale, name='cross_attn')(h, source_mask, positions, source=source)
+      cross_cache = None if source is not None or cache is None else cache['cross']
+      h, cross_kv = Attention(cfg, out_scale, cross=True, name='cross_attn')(
+          h, source_mask, positions, source=source, cache=cross_cache)
+      if cache is not None:
+        new_cache = dict(new_cache, cross=cross_kv)
       x = x + drop(h)
       if not pre:
         x = make_norm(cfg, 'ln_cross')(x)
@@ -69,7 +75,7 @@ class Block(nn.Module):
     x = x + drop(h)
     if not pre:
       x = make_norm(cfg, 'ln_ffn')(x)
-    return x, cache
+    return x, new_cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
@@ -193,8 +199,9 @@ class DecoderLM(nn.Module):
     are appended at slot cache['index'] and the new cache is returned; else the cache is None.
     source: int [batch, src_len] (encoder-decoder only): one example per row, padded on either side
     (source_segment_ids 0; default all 1), at positions 0, 1, ... over its other tokens. A token
-    attends to the source tokens of its own segment id. With a cache, the encoder output is kept
-    in it, so later calls pass no source.
+    attends to the source tokens of its own segment id. With a cache, every block keeps the
+    source's cross-attention keys/values in it (and the cache its segment ids), so later calls
+    pass no source and the source is encoded and projected once.
     """
     cfg = self.cfg
     t = tokens.shape[1]
@@ -215,12 +222,12 @@ class DecoderLM(nn.Module):
       source_positions = jnp.maximum(jnp.cumsum(memory_seg > 0, axis=1) - 1, 0)
       src = nn.Dropout(cfg.dropout, deterministic=deterministic)(embed_fn(source, source_positions))
       memory = Encoder(cfg, name='encoder')(src, source_positions, memory_seg, deterministic)
-    elif cache is not None and 'memory' in cache:
-      memory, memory_seg = cache['memory'], cache['memory_seg']
-    if (memory is not None) != (cfg.family == 'encoder_decoder'):
+    elif cache is not None and 'memory_seg' in cache:
+      memory_seg = cache['memory_seg']  # The blocks' caches hold the keys/values.
+    if (memory_seg is not None) != (cfg.family == 'encoder_decoder'):
       raise ValueError(f'model.family={cfg.family!r}: a source (or a cache holding its encoding) '
                        'is required for encoder_decoder and refused otherwise.')
-    if memory is not None:
+    if memory_seg is not None:
       cross_mask = attention_mask(positions, segment_ids, None, memory_seg, causal=False)
 
     new_layers = {}
@@ -235,8 +242,8 @@ class DecoderLM(nn.Module):
     logits = x if features else unembed(cfg, embed, x)
     if cache is not None:
       cache = {'index': index + t, 'pos': k_pos, 'seg': k_seg, 'layers': new_layers}
-      if memory is not None:
-        cache.update(memory=memory, memory_seg=memory_seg)
+      if memory_seg is not None:
+        cache['memory_seg'] = memory_seg
     return logits, cache
 
 
