@@ -6,10 +6,10 @@ eight'), held-out numbers never seen in training (research/data/numbers.py).
 
 Teacher forcing; the eval reports the exact match of greedy decoding on 1024 held-out numbers;
 at the end greedy and beam search are scored (results.json) and samples written (samples.txt).
-Measured on a quiet machine (2 CPU cores, 2026-11-28, seed 0): 8 min 03 s end to end, ~11k
-token slots/s; held-out greedy exact match 0 / 0.72 / 0.76 / 0.81 / 1.0 / 1.0 at steps 250-1500
-(>= 95% first at step 1250, ~6.5 min in); at the end greedy 1.000 and beam (4 beams) 0.998 on
-1024 held-out numbers.
+Measured on 2 CPU cores (2026-12-02, seed 0): 3 min 56 s - 4 min 09 s end to end, ~19-26k token
+slots/s; held-out greedy exact match 0 / 0.43 / 0.91 / 0.94 / 0.99 / 0.997 at steps 250-1500
+(>= 95% first at step 1250); at the end greedy 0.997 and beam (4 beams) 0.997 on 1024 held-out
+numbers.
 """
 
 from research.config import default_config
