@@ -23,4 +23,5 @@ def get_config():
                  pos_encoding='sinusoidal')
   c.train.update(steps=1500, batch_size=128, seq_len=12, learning_rate=2e-3, warmup_steps=100,
                  eval_every=250, eval_batches=8, checkpoint_every=500, log_every=50)
+  c.sampling.max_new_tokens = 15  # --mode=generate: the BOS and the words fit in max_len.
   return c

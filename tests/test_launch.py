@@ -1,5 +1,6 @@
 """launch.py on bad input: one clear line, exit code 2, nothing in the workdir lost."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -31,6 +32,21 @@ def assert_one_line_error(proc, *words):
   assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
   for w in words:
     assert w in lines[0], lines[0]
+
+
+EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'experiments'))
+                     if f.endswith('.py') and f != '__init__.py')
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_each_experiment_is_valid_and_generates_within_max_len(name):
+  """Every shipped config passes validation, and --mode=generate with its defaults fits the model:
+  a one-token prompt (an encoder-decoder's BOS) + sampling.max_new_tokens <= model.max_len
+  (encoders do not generate)."""
+  config = importlib.import_module(f'experiments.{name}').get_config()
+  config_lib.validate(config)
+  if config.model.family != 'encoder':
+    assert 1 + config.sampling.max_new_tokens <= config.model.max_len
 
 
 @pytest.mark.parametrize('args, words', [
