@@ -5,9 +5,11 @@
   printf 'hello\n' | python launch.py --experiment=pretrain_small --mode=chat
 
 The sampling settings are the `sampling` section of the current command line's config, not the
-one saved with the run, so they can change between calls.
+one saved with the run, so they can change between calls. A reply stops at model.max_len: when
+the prompt leaves less room than sampling.max_new_tokens, fewer are generated (a note says so).
 """
 
+import sys
 from typing import TextIO
 
 import jax
@@ -16,6 +18,23 @@ import ml_collections
 from research import decoding
 from research.errors import UserError
 from research.train import pretrain
+
+
+def within_max_len(sampling: ml_collections.ConfigDict, prompt_len: int,
+                   max_len: int) -> ml_collections.ConfigDict:
+  """`sampling` with max_new_tokens cut to the room that model.max_len leaves after a prompt of
+  `prompt_len` tokens (with a note on stderr); a prompt that fills max_len is an error."""
+  room = max_len - prompt_len
+  if room < 1:
+    raise UserError(f'the prompt has {prompt_len} tokens; model.max_len={max_len} leaves no room '
+                    'for a reply; shorten it.')
+  if sampling.max_new_tokens <= room:
+    return sampling
+  print(f'note: {room} new tokens at most: model.max_len={max_len} minus the {prompt_len}-token '
+        f'prompt (sampling.max_new_tokens={sampling.max_new_tokens})', file=sys.stderr, flush=True)
+  sampling = sampling.copy_and_resolve_references()
+  sampling.max_new_tokens = room
+  return sampling
 
 
 def generate_main(workdir: str, prompt: str | None, sampling: ml_collections.ConfigDict,
@@ -29,6 +48,7 @@ def generate_main(workdir: str, prompt: str | None, sampling: ml_collections.Con
     prompts, sources = [[tok.bos_id]], [tok.encode(prompt)]
   else:
     prompts, sources = [[tok.bos_id] + tok.encode(prompt)], None
+  sampling = within_max_len(sampling, len(prompts[0]), model.cfg.max_len)
   new = decoding.generate(model, params, tok, prompts, sampling, jax.random.key(seed), sources)[0]
   text = tok.decode(new)
   print(text, flush=True)
@@ -54,8 +74,9 @@ def chat_main(workdir: str, sampling: ml_collections.ConfigDict, stdin: TextIO, 
     while len(messages) > 1 and len(decoding.chat_prompt(tok, messages)) > budget:
       messages = messages[2:]  # The oldest user message and its reply.
     key, sub = jax.random.split(key)
-    new = decoding.generate(model, params, tok, [decoding.chat_prompt(tok, messages)], sampling,
-                            sub)
+    prompt = decoding.chat_prompt(tok, messages)
+    new = decoding.generate(model, params, tok, [prompt],
+                            within_max_len(sampling, len(prompt), model.cfg.max_len), sub)
     reply = tok.decode(new[0])
     messages.append({'role': 'assistant', 'content': reply})
     stdout.write(reply + '\n')

@@ -321,7 +321,7 @@ def test_chat_keeps_history_and_stops_at_exit(tok, lm, monkeypatch):
   assert prompts == [decoding.chat_prompt(tok, history[:1]), decoding.chat_prompt(tok, history)]
 
 
-def test_generate_main(tok, lm, monkeypatch, tmp_path):
+def test_generate_main(tok, lm, monkeypatch, tmp_path, capsys):
   with pytest.raises(UserError, match='holds no run'):
     generate.generate_main(str(tmp_path), 'the', _sampling())
   monkeypatch.setattr(pretrain, 'load_trained', lambda workdir: (None, tok, *lm))
@@ -329,6 +329,16 @@ def test_generate_main(tok, lm, monkeypatch, tmp_path):
     generate.generate_main('run', None, _sampling())
   greedy = _sampling(strategy='greedy')
   text = generate.generate_main('run', 'the', greedy)
-  ids = decoding.generate(*lm, tok, [[tok.bos_id] + tok.encode('the')], greedy,
+  prompt = [tok.bos_id] + tok.encode('the')
+  ids = decoding.generate(*lm, tok, [prompt], greedy, jax.random.key(0))[0]
+  assert text == tok.decode(ids)
+  # More new tokens than max_len (64) leaves room for: as many as fit, and a note says so.
+  capsys.readouterr()
+  text = generate.generate_main('run', 'the', _sampling(strategy='greedy', max_new_tokens=500))
+  room = lm[0].cfg.max_len - len(prompt)
+  ids = decoding.generate(*lm, tok, [prompt], _sampling(strategy='greedy', max_new_tokens=room),
                           jax.random.key(0))[0]
   assert text == tok.decode(ids)
+  assert f'{room} new tokens at most' in capsys.readouterr().err
+  with pytest.raises(UserError, match='no room for a reply'):
+    generate.generate_main('run', 'the ' * 40, greedy)
