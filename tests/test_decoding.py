@@ -23,6 +23,7 @@ ARCHS = {  # Few, as each compiles its own programs.
     'mha_learned': {},
     'gqa_rope': {'num_kv_heads': 2, 'pos_encoding': 'rope', 'norm': 'rmsnorm', 'ffn': 'swiglu'},
     'mqa_sinusoidal': {'num_kv_heads': 1, 'pos_encoding': 'sinusoidal'},
+    'gqa_xla': {'num_kv_heads': 2, 'attention': 'xla'},  # JAX's attention on the cache.
 }
 NEW = 8  # max_new_tokens in most tests
 
