@@ -1,8 +1,8 @@
 """sft_small: pretrain_small's GPT fine-tuned (all weights) on the built-in verifiable questions.
 
-  python launch.py --experiment=sft_small                  # pretrains 100 steps first (fresh machine)
+  python launch.py --experiment=sft_small    # pretrains 100 steps first (fresh machine)
   python launch.py --experiment=sft_small --config.train.init_from=runs/pretrain_small
-  python launch.py --experiment=sft_small --mode=chat      # then ask "What is 37 plus 48?"
+  python launch.py --experiment=sft_small --mode=chat    # then ask "What is 37 plus 48?"
 
 Questions like "What is 37 plus 48?" -> "85" (research/data/synthetic.py: addition, subtraction,
 unit conversion, sorting digits, counting a letter); the loss is on the answers only, examples
