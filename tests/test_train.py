@@ -17,7 +17,7 @@ import pytest
 from research import config as config_lib
 from research.checkpoint import Checkpointer
 from research.config import default_config
-from research.data import lm
+from research.data import lm, sources
 from research.errors import UserError
 from research.metrics import read_jsonl
 from research.train import loop, pretrain
@@ -90,6 +90,18 @@ def test_resume_after_crash_gives_identical_losses(tiny_corpus, tmp_path, monkey
   full_dir, full = uninterrupted
   assert losses(workdir) == losses(full_dir)  # Steps 1..8, bit for bit.
   assert resumed.metrics['eval/loss'] == full.metrics['eval/loss']
+
+
+def test_few_documents_are_split_inside_each_and_many_whole():
+  few = [sources.Document(f'f{i}.txt', 'ab' * 50 * (i + 1)) for i in range(3)]
+  train, val = sources.split_documents(few, 0.2)
+  assert [d.name for d in val] == ['f0.txt:val', 'f1.txt:val', 'f2.txt:val']
+  for doc, t, v in zip(few, train, val):  # Each file's last fifth, not one whole file.
+    assert t.text + v.text == doc.text and len(v.text) == len(doc.text) // 5
+  many = [sources.Document(f'doc{i}', 'x' * 10) for i in range(500)]
+  train, val = sources.split_documents(many, 0.1)
+  assert sorted(d.name for d in train + val) == sorted(d.name for d in many)  # Whole, disjoint.
+  assert 0.05 < len(val) / len(many) < 0.2
 
 
 def test_gradient_accumulation_equals_the_big_batch():

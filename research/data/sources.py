@@ -84,17 +84,18 @@ def load_documents(path: str, text_field: str = 'text') -> list[Document]:
 
 def split_documents(docs: list[Document], val_fraction: float
                     ) -> tuple[list[Document], list[Document]]:
-  """Deterministic train/val split: by a hash of each document's name, or, for a single
-  document, by position (its last `val_fraction` is val, as nanoGPT does)."""
+  """Deterministic train/val split. With at least 10 / val_fraction documents (about 10 or more
+  expected in val): whole documents, by a hash of each one's name. With fewer (a handful of files,
+  where one held-out file could be half the data): the last `val_fraction` of every document is
+  val, as nanoGPT does with its one file."""
   if not 0.0 < val_fraction < 1.0:
     raise UserError(f'data.val_fraction={val_fraction} must be in (0, 1).')
-  if len(docs) == 1:
-    text = docs[0].text
-    cut = int(len(text) * (1.0 - val_fraction))
-    return [Document(docs[0].name, text[:cut])], [Document(docs[0].name + ':val', text[cut:])]
-  in_val = [zlib.crc32(d.name.encode()) / 2**32 < val_fraction for d in docs]
-  train = [d for d, v in zip(docs, in_val) if not v]
-  val = [d for d, v in zip(docs, in_val) if v]
-  if not train or not val:  # Few documents: hold out the last one.
-    train, val = docs[:-1], docs[-1:]
-  return train, val
+  if len(docs) >= 10 / val_fraction:
+    in_val = [zlib.crc32(d.name.encode()) / 2**32 < val_fraction for d in docs]
+    train = [d for d, v in zip(docs, in_val) if not v]
+    val = [d for d, v in zip(docs, in_val) if v]
+    if train and val:
+      return train, val
+  cuts = [int(len(d.text) * (1.0 - val_fraction)) for d in docs]
+  return ([Document(d.name, d.text[:c]) for d, c in zip(docs, cuts) if c > 0],
+          [Document(d.name + ':val', d.text[c:]) for d, c in zip(docs, cuts) if c < len(d.text)])
