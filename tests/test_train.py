@@ -75,7 +75,8 @@ def test_resume_after_crash_gives_identical_losses(tiny_corpus, tmp_path, monkey
     if step == 6:
       # Saves run in the background: die once step 4's checkpoint is committed, not mid-save.
       deadline = time.time() + 60
-      while not os.path.exists(os.path.join(workdir, 'checkpoints', '4')) and time.time() < deadline:
+      saved = os.path.join(workdir, 'checkpoints', '4')
+      while not os.path.exists(saved) and time.time() < deadline:
         time.sleep(0.05)
       raise RuntimeError('simulated crash')
     return real_batch(tokens, batch_size, seq_len, seed, step, micro, rows)
