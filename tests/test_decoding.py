@@ -3,6 +3,7 @@ passes, greedy / sampling / beam search, batching, chat, and input errors."""
 
 import functools
 import io
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from research import generate
 from research import tokenizers
 from research.errors import UserError
 from research.nn.config import ModelConfig
-from research.nn.transformer import DecoderLM
+from research.nn.transformer import DecoderLM, init_cache
 from research.train import pretrain
 
 TEXT = 'the quick brown fox jumps over the lazy dog; THE QUICK BROWN FOX 0123456789.'
@@ -116,6 +117,23 @@ def test_cached_decode_matches_full_forward(models, arch):
     mask = np.arange(p + k)[None] >= np.array(pads)[:, None]
     cached, full = _cached_and_full_logits(model, params, tokens, mask, p)
     np.testing.assert_allclose(cached, full, atol=1e-4, rtol=0)
+
+
+def test_batched_decode_steps_copy_no_part_of_the_cache(models):
+  """At batch > 1 the einsum kernel keeps the cache heads first, keys transposed (see
+  attention.empty_cache): a decode step writes its slot in place and its batched matmuls read the
+  cache as stored, so the only cache-sized arrays it makes are the 2 per layer it writes."""
+  model, params = models['gqa_rope']
+  b, slots, cfg = 2, 40, model.cfg
+  step = jax.jit(functools.partial(decoding.decode_step, model), donate_argnums=3)
+  hlo = step.lower(params, jnp.zeros(b, jnp.int32), jnp.zeros((b, 1), jnp.int32),
+                   init_cache(cfg, b, slots)).compile().as_text()
+  made = re.findall(r'\n\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\S* ([\w-]+)\(',
+                    hlo[hlo.index('\nENTRY'):])
+  size = b * slots * cfg.kv_heads * cfg.head_dim
+  cache_sized = [op for shape, op in made if np.prod([int(d) for d in shape.split(',')]) == size
+                 and op not in ('parameter', 'bitcast', 'get-tuple-element')]
+  assert len(cache_sized) == 2 * cfg.num_layers, cache_sized
 
 
 def _greedy_reference(model, params, prompts, mask, steps, eos_id, pad_id):

@@ -81,7 +81,9 @@ def test_mqa_shapes():
   attn = params['block_0']['attn']
   assert attn['query']['kernel'].shape == (32, 4 * 8)
   assert attn['key']['kernel'].shape == attn['value']['kernel'].shape == (32, 8)
-  assert init_cache(cfg, B, 12)['layers']['block_0']['k'].shape == (B, 12, 1, 8)
+  batched = init_cache(cfg, B, 12)['layers']['block_0']  # Heads first, keys transposed.
+  assert batched['k_BxKxHxS'].shape == (B, 1, 8, 12) and batched['v_BxKxSxH'].shape == (B, 1, 12, 8)
+  assert init_cache(cfg, 1, 12)['layers']['block_0']['k'].shape == (1, 12, 1, 8)
 
 
 def test_next_sentence_head_shapes():

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.nn.attention import Attention, attention_mask, dense
+from research.nn.attention import Attention, attention_mask, dense, empty_cache
 from research.nn.config import ModelConfig
 from research.nn.ffn import FeedForward
 from research.nn.moe import MoE
@@ -80,11 +80,10 @@ class Block(nn.Module):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   """An empty KV cache of `length` slots (all segment 0 = empty)."""
-  kv = jnp.zeros((batch, length, cfg.kv_heads, cfg.head_dim), cfg.dtype)
   return {'index': jnp.zeros((), jnp.int32),
           'pos': jnp.zeros((batch, length), jnp.int32),
           'seg': jnp.zeros((batch, length), jnp.int32),
-          'layers': {f'block_{i}': {'k': kv, 'v': kv} for i in range(cfg.num_layers)}}
+          'layers': {f'block_{i}': empty_cache(cfg, batch, length) for i in range(cfg.num_layers)}}
 
 
 def default_layout(tokens: jnp.ndarray, positions: Optional[jnp.ndarray],
