@@ -166,6 +166,11 @@ def _best(tokens: jnp.ndarray, scores: jnp.ndarray, n: int) -> tuple[jnp.ndarray
   return jnp.take_along_axis(tokens, idx[..., None], axis=1), scores
 
 
+def _of_source(path: tuple) -> bool:
+  """Whether a cache leaf at `path` belongs to the source (encoder-decoder models)."""
+  return any(getattr(k, 'key', None) in ('cross', 'memory_seg') for k in path)
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'num_beams', 'max_new_tokens'))
 def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask: jnp.ndarray, *,
                 num_beams: int, max_new_tokens: int, length_penalty: float, eos_id: int,
@@ -213,7 +218,9 @@ def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask
     alive_logprob, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, cand_logprob), n)
     take = lambda x: jnp.take_along_axis(x, keep, axis=1)
     rows = (first_row + take(parent)).reshape(-1)
-    cache = jax.tree.map(lambda x: x[rows] if x.ndim else x, s.cache)
+    # A row's beams share its source: the cross-attention keys/values stay as they are.
+    cache = jax.tree_util.tree_map_with_path(
+        lambda path, x: x[rows] if x.ndim and not _of_source(path) else x, s.cache)
     logits, cache = decode_step(model, params, take(tok).reshape(-1), positions + s.step, cache)
     alive = jnp.take_along_axis(hyps, keep[..., None], axis=1)
     return _Beams(s.step + 1, logits, cache, alive, alive_logprob, finished, scores)

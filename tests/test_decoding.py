@@ -223,6 +223,34 @@ def _beams(model, params, prompts, mask, num_beams, eos_id, length_penalty=1.0, 
   return np.asarray(tokens), np.asarray(scores)
 
 
+def test_beam_search_equals_a_search_over_full_forward_passes(lm, batch):
+  """No EOS, no length penalty: the beams are the n best continuations kept step by step, here
+  found by scoring every token after every kept hypothesis with a full forward pass (no cache),
+  so a cache that did not follow its beam would show."""
+  model, params = lm
+  prompts, mask = batch
+  n, (rows, p) = 3, prompts.shape
+  tokens, scores = _beams(model, params, prompts, mask, num_beams=n, eos_id=-1,
+                          length_penalty=0.0)
+  kept = [[((), 0.0)] for _ in range(rows)]  # Per row: (tokens, log-prob) of the hypotheses.
+  for step in range(NEW):
+    seqs = np.zeros((rows * n, p + NEW), np.int32)
+    seq_mask = np.zeros((rows * n, p + NEW), bool)
+    for r in range(rows):
+      for j, (toks, _) in enumerate(kept[r]):
+        seqs[r * n + j, :p + step] = np.concatenate([prompts[r], toks])
+        seq_mask[r * n + j, :p + step] = np.concatenate([mask[r], np.ones(step, bool)])
+    logits = _full_logits_jit(model, params, seqs, seq_mask)[:, p + step - 1]
+    logprobs = np.asarray(jax.nn.log_softmax(logits))
+    for r in range(rows):
+      candidates = [(toks + (v,), lp + logprobs[r * n + j, v])
+                    for j, (toks, lp) in enumerate(kept[r]) for v in range(logprobs.shape[1])]
+      kept[r] = sorted(candidates, key=lambda c: -c[1])[:n]
+  for r in range(rows):
+    np.testing.assert_array_equal(tokens[r], [toks for toks, _ in kept[r]])
+    np.testing.assert_allclose(scores[r], [lp for _, lp in kept[r]], atol=1e-4)
+
+
 def test_beam_width_one_equals_greedy(lm, batch):
   eos = _mid_eos(lm, batch)
   tokens, _ = _beams(*lm, *batch, num_beams=1, eos_id=eos)

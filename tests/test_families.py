@@ -187,6 +187,16 @@ def test_seq2seq_decoding_matches_full_forward():
   beams, _ = decoding.beam_search(model, params, bos, jnp.ones((B, 1), bool), num_beams=1,
                                   length_penalty=0.0, **common)
   np.testing.assert_array_equal(np.asarray(beams[:, 0]), want)
+  # Two beams: each row as when searched alone (its beams read its source's cached keys).
+  beams, scores = decoding.beam_search(model, params, bos, jnp.ones((B, 1), bool), num_beams=2,
+                                       length_penalty=1.0, **common)
+  for i in range(B):
+    alone = dict(common, source=src[i:i + 1], source_mask=src_mask[i:i + 1])
+    row_beams, row_scores = decoding.beam_search(model, params, bos[i:i + 1],
+                                                 jnp.ones((1, 1), bool), num_beams=2,
+                                                 length_penalty=1.0, **alone)
+    np.testing.assert_array_equal(np.asarray(beams[i]), np.asarray(row_beams[0]))
+    np.testing.assert_allclose(np.asarray(scores[i]), np.asarray(row_scores[0]), rtol=1e-5)
 
 
 def test_seq2seq_decode_steps_read_the_cross_attention_keys_from_the_cache():
