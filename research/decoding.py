@@ -19,7 +19,7 @@ import numpy as np
 
 from research import tokenizers
 from research.errors import UserError
-from research.nn.transformer import Cache, init_cache
+from research.nn.transformer import Cache, init_cache, repeat_cache
 
 # Prompts are left-padded to a multiple of this many tokens, so that prompts of similar length
 # (e.g. the turns of a chat) share one compiled decode loop.
@@ -192,9 +192,9 @@ def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask
   b, n, t = prompts.shape[0], num_beams, max_new_tokens
   logits, cache, positions = prefill(model, params, prompts, prompt_mask, prompts.shape[1] + t,
                                      source, source_mask)
-  # One prefill per prompt, then every cache leaf with a batch axis is tiled to the n beams.
-  logits, cache, positions = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x,
-                                          (logits, cache, positions))
+  # One prefill per prompt, then every row is tiled to its n beams.
+  logits, positions = jnp.repeat(logits, n, axis=0), jnp.repeat(positions, n, axis=0)
+  cache = repeat_cache(model.cfg, cache, n)
   first_row = jnp.arange(b)[:, None] * n  # [b, 1] flat index of each row's first beam
 
   def length_norm(logprob, length):

@@ -96,12 +96,21 @@ def empty_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   caches, like those of JAX's kernels, keep the projections' layout {'k', 'v'} [batch, length,
   kv_heads, head_dim].
   """
-  k, h = cfg.kv_heads, cfg.head_dim
-  if batch > 1 and einsum_kernel(cfg.attention):
-    return {'k_BxKxHxS': jnp.zeros((batch, k, h, length), cfg.dtype),
-            'v_BxKxSxH': jnp.zeros((batch, k, length, h), cfg.dtype)}
-  kv = jnp.zeros((batch, length, k, h), cfg.dtype)
-  return {'k': kv, 'v': kv}
+  kv = jnp.zeros((batch, length, cfg.kv_heads, cfg.head_dim), cfg.dtype)
+  cache = {'k': kv, 'v': kv}
+  return to_heads_first(cache) if heads_first(cfg, batch) else cache
+
+
+def heads_first(cfg: ModelConfig, batch: int) -> bool:
+  """Whether `empty_cache` keeps a batch's keys/values heads first."""
+  return batch > 1 and einsum_kernel(cfg.attention)
+
+
+def to_heads_first(cache: KVCache) -> KVCache:
+  """A layer's {'k', 'v'} cache heads first, keys transposed (other entries kept)."""
+  rest = {n: c for n, c in cache.items() if n not in ('k', 'v')}
+  return {**rest, 'k_BxKxHxS': cache['k'].transpose(0, 2, 3, 1),
+          'v_BxKxSxH': cache['v'].transpose(0, 2, 1, 3)}
 
 
 def _heads_first(q_BxTxNxH: jnp.ndarray, kv_heads: int) -> jnp.ndarray:

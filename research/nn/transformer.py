@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.nn.attention import Attention, attention_mask, dense, empty_cache
+from research.nn.attention import (Attention, attention_mask, dense, empty_cache, heads_first,
+                                   to_heads_first)
 from research.nn.config import ModelConfig
 from research.nn.ffn import FeedForward
 from research.nn.moe import MoE
@@ -84,6 +85,16 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
           'pos': jnp.zeros((batch, length), jnp.int32),
           'seg': jnp.zeros((batch, length), jnp.int32),
           'layers': {f'block_{i}': empty_cache(cfg, batch, length) for i in range(cfg.num_layers)}}
+
+
+def repeat_cache(cfg: ModelConfig, cache: Cache, n: int) -> Cache:
+  """Each row of `cache` repeated n times (rows i*n .. i*n + n-1 copy row i), in the layout
+  `init_cache` gives the larger batch (see attention.empty_cache)."""
+  out = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
+  batch = cache['pos'].shape[0]
+  if not heads_first(cfg, batch) and heads_first(cfg, batch * n):
+    out['layers'] = {name: to_heads_first(layer) for name, layer in out['layers'].items()}
+  return out
 
 
 def default_layout(tokens: jnp.ndarray, positions: Optional[jnp.ndarray],
