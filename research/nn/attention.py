@@ -98,10 +98,10 @@ def empty_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   """
   kv = jnp.zeros((batch, length, cfg.kv_heads, cfg.head_dim), cfg.dtype)
   cache = {'k': kv, 'v': kv}
-  return to_heads_first(cache) if heads_first(cfg, batch) else cache
+  return to_heads_first(cache) if heads_first_cache(cfg, batch) else cache
 
 
-def heads_first(cfg: ModelConfig, batch: int) -> bool:
+def heads_first_cache(cfg: ModelConfig, batch: int) -> bool:
   """Whether `empty_cache` keeps a batch's keys/values heads first."""
   return batch > 1 and einsum_kernel(cfg.attention)
 
@@ -113,14 +113,14 @@ def to_heads_first(cache: KVCache) -> KVCache:
           'v_BxKxSxH': cache['v'].transpose(0, 2, 1, 3)}
 
 
-def _heads_first(q_BxTxNxH: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
+def _group_heads(q_BxTxNxH: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
   """[B, T, N, H] -> [B, K, G, T, H]: query head n = k * G + g reads key/value head k."""
   b, t, n, h = q_BxTxNxH.shape
   return q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
 
 
-def _tokens_first(o_BxKxGxTxH: jnp.ndarray) -> jnp.ndarray:
-  """The inverse of `_heads_first`: [B, K, G, T, H] -> [B, T, N, H]."""
+def _merge_heads(o_BxKxGxTxH: jnp.ndarray) -> jnp.ndarray:
+  """The inverse of `_group_heads`: [B, K, G, T, H] -> [B, T, N, H]."""
   b, k, g, t, h = o_BxKxGxTxH.shape
   return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
 
@@ -141,7 +141,7 @@ def dot_product_attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSx
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
         implementation=None if implementation == 'auto' else implementation)
   t = q_BxTxNxH.shape[1]
-  q_BxKxGxTxH = _heads_first(q_BxTxNxH, k_BxSxKxH.shape[2])
+  q_BxKxGxTxH = _group_heads(q_BxTxNxH, k_BxSxKxH.shape[2])
   k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
   step = CAUSAL_BLOCK if causal else t
   blocks = [(i, min(t, i + step)) for i in range(0, t, step)]
@@ -150,7 +150,7 @@ def dot_product_attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSx
     s = j if causal else k_BxSxKxH.shape[1]
     outs.append(_attend(q_BxKxGxTxH[:, :, :, i:j], k_BxKxSxH[:, :, :s], v_BxKxSxH[:, :, :s],
                         mask_Bx1xTxS[:, :, i:j, :s]))
-  return _tokens_first(jnp.concatenate(outs, axis=3))
+  return _merge_heads(jnp.concatenate(outs, axis=3))
 
 
 def cached_attention(q_BxTxNxH: jnp.ndarray, k_BxTxKxH: jnp.ndarray, v_BxTxKxH: jnp.ndarray,
@@ -169,10 +169,10 @@ def cached_attention(q_BxTxNxH: jnp.ndarray, k_BxTxKxH: jnp.ndarray, v_BxTxKxH: 
                                  mask_Bx1xTxS, implementation), cache
   cache = {'k_BxKxHxS': write('k_BxKxHxS', k_BxTxKxH.transpose(0, 2, 3, 1), 3),
            'v_BxKxSxH': write('v_BxKxSxH', v_BxTxKxH.transpose(0, 2, 1, 3), 2)}
-  out_BxKxGxTxH = _attend_fwd(_heads_first(q_BxTxNxH, k_BxTxKxH.shape[2]),
+  out_BxKxGxTxH = _attend_fwd(_group_heads(q_BxTxNxH, k_BxTxKxH.shape[2]),
                               cache['k_BxKxHxS'].astype(dtype), cache['v_BxKxSxH'].astype(dtype),
                               mask_Bx1xTxS, k_layout='bkhs')[0]
-  return _tokens_first(out_BxKxGxTxH), cache
+  return _merge_heads(out_BxKxGxTxH), cache
 
 
 @jax.custom_vjp

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.nn.attention import (Attention, attention_mask, dense, empty_cache, heads_first,
-                                   to_heads_first)
+from research.nn.attention import (Attention, attention_mask, dense, empty_cache,
+                                   heads_first_cache, to_heads_first)
 from research.nn.config import ModelConfig
 from research.nn.ffn import FeedForward
 from research.nn.moe import MoE
@@ -92,7 +92,7 @@ def repeat_cache(cfg: ModelConfig, cache: Cache, n: int) -> Cache:
   `init_cache` gives the larger batch (see attention.empty_cache)."""
   out = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
   batch = cache['pos'].shape[0]
-  if not heads_first(cfg, batch) and heads_first(cfg, batch * n):
+  if not heads_first_cache(cfg, batch) and heads_first_cache(cfg, batch * n):
     out['layers'] = {name: to_heads_first(layer) for name, layer in out['layers'].items()}
   return out
 
