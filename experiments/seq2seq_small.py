@@ -6,9 +6,10 @@ eight'), held-out numbers never seen in training (research/data/numbers.py).
 
 Teacher forcing; the eval reports the exact match of greedy decoding on 1024 held-out numbers;
 at the end greedy and beam search are scored (results.json) and samples written (samples.txt).
-Measured on 2 CPU cores (2026-12-02, seed 0): 3 min 56 s - 4 min 09 s end to end, ~19-26k token
-slots/s; held-out greedy exact match 0 / 0.43 / 0.91 / 0.94 / 0.99 / 0.997 at steps 250-1500
-(>= 95% first at step 1250); at the end greedy 0.997 and beam (4 beams) 0.997 on 1024 held-out
+Measured on 2 CPU cores (2026-12-03, seed 0): 3 min 55 s - 4 min 37 s end to end; held-out
+greedy exact match 0.865 / 0.975 / 0.991 / 0.999 / 1.0 / 1.0 at steps 250-1500 (>= 95% first at
+step 500; before the sinusoidal table was added to embeddings scaled by sqrt(d_model): 0 / 0.43 /
+0.91 / 0.94 / 0.99 / 0.997); at the end greedy 1.0 and beam (4 beams) 1.0 on 1024 held-out
 numbers.
 """
 

@@ -23,7 +23,8 @@ class ModelConfig:
 
   family: 'decoder' (GPT, causal LM), 'encoder' (BERT, masked LM; Devlin et al. 2019) or
     'encoder_decoder' (Vaswani et al. 2017; num_layers blocks in each of encoder and decoder).
-  pos_encoding: 'learned' (GPT-2), 'sinusoidal' (Vaswani et al. 2017) or 'rope' (Su et al. 2021).
+  pos_encoding: 'learned' (GPT-2), 'sinusoidal' (Vaswani et al. 2017: token embeddings scaled by
+    sqrt(d_model)) or 'rope' (Su et al. 2021).
   num_kv_heads: key/value heads; 0 means num_heads (MHA), 1 is MQA (Shazeer 2019), else GQA
     (Ainslie et al. 2023).
   norm: 'layernorm' (Ba et al. 2016) or 'rmsnorm' (Zhang & Sennrich 2019); norm_position 'pre'

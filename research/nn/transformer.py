@@ -123,7 +123,11 @@ def embedding(cfg: ModelConfig) -> tuple[nn.Embed, Callable[..., jnp.ndarray]]:
     if pos_embed is not None:
       x += pos_embed(clipped).astype(cfg.dtype)
     elif cfg.pos_encoding == 'sinusoidal':
-      x += jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))[clipped].astype(cfg.dtype)
+      # The fixed table's entries are O(1) while token embeddings start at std 0.02: unscaled,
+      # position swamps identity (pretrain_small stayed at the unigram loss). Vaswani et al. scale
+      # the embeddings by sqrt(d_model).
+      x = x * cfg.d_model**0.5 + jnp.asarray(
+          sinusoidal_table(cfg.max_len, cfg.d_model))[clipped].astype(cfg.dtype)
     return x
 
   return embed, embed_fn
