@@ -268,23 +268,23 @@ def test_beam_search_is_deterministic_and_sorted(lm, batch):
 # A bigram table where greedy is myopic: from A, B (0.5) beats C (0.4), but after B nothing is
 # likely, while C -> D -> EOS is. Greedy: B EOS (p = 0.1); best: C D EOS (p = 0.324).
 A, B, C, D, EOS = 4, 5, 6, 7, 3
+MYOPIC = {A: {B: 0.5, C: 0.4, EOS: 0.02, A: 0.02, D: 0.03}, B: {EOS: 0.2}, C: {D: 0.9},
+          D: {EOS: 0.9}}
 
 
-def _bigram_model() -> tuple[DecoderLM, dict]:
-  """A DecoderLM whose next-token log-probs depend only on the last token, per the table above.
+def _bigram_model(table: dict = MYOPIC) -> tuple[DecoderLM, dict]:
+  """A DecoderLM whose next-token log-probs depend only on the last token: table[last][next],
+  the rest of a row's mass spread evenly over the other tokens (rows not given: uniform).
 
   Attention and FFN outputs are zero, the embedding is one-hot in d = vocab + 1 dimensions and the
   unembedding undoes the final LayerNorm, so logits = log_probs[last token].
   """
   v = 8
   probs = np.full((v, v), 1 / v)
-  probs[A] = [0.01, 0.01, 0.01, 0.02, 0.02, 0.5, 0.4, 0.03]
-  probs[B] = [0.8 / 7] * v
-  probs[B, EOS] = 0.2
-  probs[C] = [0.1 / 7] * v
-  probs[C, D] = 0.9
-  probs[D] = [0.1 / 7] * v
-  probs[D, EOS] = 0.9
+  for last, row in table.items():
+    probs[last] = (1 - sum(row.values())) / (v - len(row))
+    for nxt, p in row.items():
+      probs[last, nxt] = p
   cfg = ModelConfig(vocab_size=v, num_layers=1, num_heads=1, d_model=v + 1, max_len=16,
                     tie_embeddings=False)
   model = DecoderLM(cfg)
@@ -389,3 +389,16 @@ def test_generate_main(tok, lm, monkeypatch, tmp_path, capsys):
   assert f'{room} new tokens at most' in capsys.readouterr().err
   with pytest.raises(UserError, match='no room for a reply'):
     generate.generate_main('run', 'the ' * 40, greedy)
+
+
+@pytest.mark.parametrize('length_penalty', [0.0, 1.0])
+def test_beam_search_waits_for_an_alive_beam_that_can_still_win(length_penalty):
+  """A confident model: A -> C -> D -> EOS at p ~ 0.99 each, an EOS at p = 0.005 after A and
+  after C. Those two unlikely endings rank in the top n = 2 candidates and fill both finished
+  slots at steps 1-2 while A C D (log-prob -0.02) is alive; the search must go on until it ends."""
+  model, params = _bigram_model({A: {C: 0.99, EOS: 0.005}, C: {D: 0.99, EOS: 0.005},
+                                 D: {EOS: 0.99}})
+  prompts, mask = np.array([[A]]), np.array([[True]])
+  tokens, scores = _beams(model, params, prompts, mask, 2, EOS, length_penalty, new=5)
+  np.testing.assert_array_equal(tokens[0, 0], [C, D, EOS, 0, 0])
+  np.testing.assert_allclose(scores[0, 0], np.log(0.99**3) / 3 ** length_penalty, rtol=1e-4)
