@@ -1,6 +1,7 @@
 """DecoderLM: shapes, causality, and the architecture switches."""
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from research.errors import UserError
 from research.nn import attention
 from research.nn.config import ModelConfig
 from research.nn.position import apply_rope
-from research.nn.transformer import DecoderLM
+from research.nn.transformer import DecoderLM, embedding
 
 VOCAB, B, T = 37, 2, 12
 
@@ -71,6 +72,30 @@ def test_rope_scores_depend_on_relative_position():
     return float((apply_rope(q, jnp.array([[pq]])) * apply_rope(k, jnp.array([[pk]]))).sum())
   assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-5)
   assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+
+
+def test_sinusoidal_positions_are_added_to_embeddings_scaled_by_sqrt_width():
+  """Vaswani et al. 2017, section 3.5: PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(..),
+  added to the token embeddings multiplied by sqrt(d)."""
+  cfg = ModelConfig(vocab_size=VOCAB, num_layers=1, num_heads=4, d_model=32, max_len=16,
+                    pos_encoding='sinusoidal')
+
+  class Embeddings(nn.Module):
+    @nn.compact
+    def __call__(self, tokens, positions):
+      return embedding(cfg)[1](tokens, positions)
+
+  tokens = jax.random.randint(jax.random.key(0), (B, T), 0, VOCAB)
+  positions = jnp.stack([jnp.arange(T), jnp.arange(T) + 3])
+  params = Embeddings().init(jax.random.key(1), tokens, positions)['params']
+  got = Embeddings().apply({'params': params}, tokens, positions)
+  pe = np.zeros((cfg.max_len, cfg.d_model))
+  for p in range(cfg.max_len):
+    for i in range(cfg.d_model // 2):
+      pe[p, 2 * i] = np.sin(p / 10000 ** (2 * i / cfg.d_model))
+      pe[p, 2 * i + 1] = np.cos(p / 10000 ** (2 * i / cfg.d_model))
+  want = np.asarray(params['embed']['embedding'])[tokens] * np.sqrt(cfg.d_model) + pe[positions]
+  np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize('kw, words', [
