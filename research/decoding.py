@@ -50,7 +50,7 @@ def filter_logits(logits: jnp.ndarray, top_k: int, top_p: float) -> jnp.ndarray:
   logits: [batch, vocab]. The nucleus is the smallest set of most likely tokens whose
   probability reaches top_p (Holtzman et al. 2020). Ties at the boundary are kept.
   """
-  if top_k > 0:
+  if 0 < top_k < logits.shape[-1]:  # top_k >= vocab keeps every token.
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:

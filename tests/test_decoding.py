@@ -198,6 +198,12 @@ def test_top_k_draws_only_the_k_most_likely():
   np.testing.assert_allclose(freq, np.array([0, 0.3, 0, 0.25, 0.2, 0]) / 0.75, atol=0.03)
 
 
+def test_top_k_beyond_the_vocabulary_keeps_every_token():
+  probs = np.array([0.05, 0.3, 0.1, 0.25, 0.2, 0.1])
+  freq = np.bincount(_draws(probs, top_k=50, top_p=1.0), minlength=6) / 4000
+  np.testing.assert_allclose(freq, probs, atol=0.03)
+
+
 @pytest.mark.parametrize('top_p, nucleus', [(0.65, [1, 3]), (0.75, [1, 3, 4]), (0.35, [1])])
 def test_top_p_draws_only_from_the_nucleus(top_p, nucleus):
   probs = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
