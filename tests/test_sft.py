@@ -230,3 +230,26 @@ def test_synthetic_held_out_is_disjoint_and_checkable():
   assert {p.kind for p in held_out} == set(synthetic.KINDS)
   assert all(synthetic.is_correct(f' {p.answer}\n', p) for p in held_out)
   assert synthetic.problems('held_out', 100, seed=0) == held_out
+
+
+def test_jsonl_records_split_by_prompt_as_preference_pairs_do(tmp_path):
+  """Two answers to one prompt fall on one side, and a preference pair lands on the side of
+  the SFT records of its prompt (DPO scores the SFT held-out prompts after training on pairs)."""
+  from research.train import reward  # pylint: disable=g-import-not-at-top
+  questions = [f'What is {i} plus {i}?' for i in range(300)]
+  with open(tmp_path / 'sft.jsonl', 'w') as f:
+    for q in questions:
+      for answer in ('right', 'wrong'):
+        f.write(json.dumps({'messages': [{'role': 'user', 'content': q},
+                                         {'role': 'assistant', 'content': answer}]}) + '\n')
+  with open(tmp_path / 'pairs.jsonl', 'w') as f:
+    for q in questions:
+      f.write(json.dumps({'prompt': q, 'chosen': 'right', 'rejected': 'wrong'}) + '\n')
+  train, held = sft_data.split(sft_data.read_jsonl(str(tmp_path / 'sft.jsonl')), 0.2)
+  held_questions = {r.messages[0]['content'] for r in held}
+  assert not held_questions & {r.messages[0]['content'] for r in train}
+  assert 0.1 < len(held_questions) / len(questions) < 0.3
+  config = default_config()
+  config.reward.update(path=str(tmp_path / 'pairs.jsonl'), held_out_fraction=0.2)
+  _, held_pairs = reward.load_pairs(config)
+  assert {p.prompt[0]['content'] for p in held_pairs} == held_questions

@@ -94,9 +94,17 @@ def task_records(problems: Sequence[synthetic.Problem]) -> list[Record]:
 
 def split(records: Sequence[Record], held_out_fraction: float) -> tuple[list[Record],
                                                                          list[Record]]:
-  """(train, held-out) by a hash of each record's content: the same wherever the file lies."""
-  held = [zlib.crc32(json.dumps([r.messages, r.text]).encode()) / 2**32 < held_out_fraction
-          for r in records]
+  """(train, held-out) by a hash of each record's prompt: the turns before its last assistant
+  turn (plain text: the text). The same wherever the file lies; every answer to a prompt falls
+  on its side, and reward/DPO pairs (hashed on their prompt turns) split with the SFT records
+  of the same prompt, so no stage trains on another's held-out prompts."""
+  def prompt(r: Record):
+    turns = r.messages
+    if turns and turns[-1]['role'] == 'assistant':
+      turns = turns[:-1]
+    return json.dumps([turns, r.text])
+
+  held = [zlib.crc32(prompt(r).encode()) / 2**32 < held_out_fraction for r in records]
   return ([r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h])
 
 
