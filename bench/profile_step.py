@@ -75,13 +75,13 @@ def main() -> None:
   groups = op_groups(step_fn.as_text())
   batch = task.train_batch(0, 0, slice(None))
   for i in range(3):  # Warm-up.
-    state, out = step_fn(state, batch, np.int32(i))
+    state, out = step_fn(state, batch, np.int32(i), train_throughput.ONE)
   jax.block_until_ready(out)
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
       t0 = time.perf_counter()
       for i in range(args.steps):
-        state, out = step_fn(state, batch, np.int32(i))
+        state, out = step_fn(state, batch, np.int32(i), train_throughput.ONE)
         jax.block_until_ready(out)
       step_ms = (time.perf_counter() - t0) / args.steps * 1e3
     [path] = glob.glob(os.path.join(tmp, '**', '*.trace.json.gz'), recursive=True)

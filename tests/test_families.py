@@ -274,8 +274,8 @@ def test_seq2seq_stage(tmp_path):
   from experiments import seq2seq_small  # pylint: disable=g-import-not-at-top
   config = seq2seq_small.get_config()
   config.model.update(num_layers=1, d_model=32, num_heads=2)
-  config.train.update(steps=6, batch_size=8, log_every=3, eval_every=6, eval_batches=1,
-                      checkpoint_every=6)
+  config.train.update(steps=6, batch_size=16, grad_accum_steps=2, log_every=3, eval_every=6,
+                      eval_batches=1, checkpoint_every=6)  # Micro-batches weighted by tokens.
   config.sampling.num_beams = 2
   config_lib.validate(config)
   result = seq2seq.train_and_evaluate(config, str(tmp_path))

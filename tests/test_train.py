@@ -12,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from research import config as config_lib
@@ -21,7 +22,7 @@ from research.data import lm, sources
 from research.errors import UserError
 from research.metrics import read_jsonl
 from research.train import loop, pretrain
-from research.train.optimizer import make_optimizer
+from research.train.optimizer import make_optimizer, make_schedule
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +52,10 @@ def test_loss_falls_and_outputs_exist(tiny_corpus, tmp_path):
   for name in ('metrics.jsonl', 'loss.png', 'samples.txt', 'tokenizer', 'checkpoints/60'):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert any(f.startswith('events') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+  schedule = make_schedule(config.train)  # Step s logs the rate of its update, optax's count s-1.
+  for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl')):
+    if 'train/learning_rate' in r:
+      assert r['train/learning_rate'] == pytest.approx(float(schedule(r['step'] - 1)))
 
 
 # First losses of the tiny config, pinned so that speed work cannot silently change the maths
@@ -126,10 +131,44 @@ def test_gradient_accumulation_equals_the_big_batch():
     state = loop.TrainState(p, tx.init(p))
     step = loop.make_train_step(task, tx, seed=0)
     for i, rows in enumerate(batches):
-      state, _ = step(state, {'x': x[rows], 'y': y[rows]}, np.int32(i))
+      state, _ = step(state, {'x': x[rows], 'y': y[rows]}, np.int32(i), np.float32(1))
     params.append(np.asarray(state.params['w']))
   assert np.abs(params[0]).min() > 0
   np.testing.assert_allclose(params[0], params[1], atol=1e-6)
+
+
+def test_accumulated_token_means_equal_the_big_batch():
+  """Losses that are means over weighted tokens (SFT, seq2seq, MLM): micro-batches holding 3 and
+  1 tokens, their gradients scaled by loop.micro_scales, make the step of the 4 tokens at once;
+  plain averaging of the two means would weight the lone token 3 times as much."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 3)).astype(np.float32)
+  y = rng.normal(size=(6,)).astype(np.float32)
+  w = np.array([1, 1, 1, 0, 0, 1], np.float32)
+
+  def loss_fn(params, batch, key):
+    del key
+    err = (batch['x'] @ params['w'] - batch['y']) ** 2
+    return (err * batch['w']).sum() / batch['w'].sum(), {}
+
+  task = loop.Task(init_params=None, loss_fn=loss_fn, eval_fn=None, train_batch=None,
+                   eval_batches=[], tokens_per_step=0, flops_per_token=None)
+
+  def train(micro_batches, scales):
+    tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=len(micro_batches))
+    p = {'w': jnp.ones((3,))}
+    state = loop.TrainState(p, tx.init(p))
+    step = loop.make_train_step(task, tx, seed=0)
+    for i, (rows, scale) in enumerate(zip(micro_batches, scales)):
+      state, _ = step(state, {'x': x[rows], 'y': y[rows], 'w': w[rows]}, np.int32(i), scale)
+    return np.asarray(state.params['w'])
+
+  one = np.ones(2, np.float32)
+  big = train([slice(0, 6)], one)
+  halves = [slice(0, 3), slice(3, 6)]
+  np.testing.assert_allclose(loop.micro_scales([3.0, 1.0]), [1.5, 0.5])
+  np.testing.assert_allclose(train(halves, loop.micro_scales([3.0, 1.0])), big, atol=1e-6)
+  assert np.abs(train(halves, one) - big).max() > 1e-2
 
 
 def test_flattened_optimizer_equals_adamw_per_parameter():
@@ -157,7 +196,7 @@ def test_flattened_optimizer_equals_adamw_per_parameter():
     step = loop.make_train_step(task, tx, seed=0, flat_optimizer=flat)
     norms = []
     for i in range(3):
-      state, out = step(state, batch, np.int32(i))
+      state, out = step(state, batch, np.int32(i), np.float32(1))
       norms.append(float(out['grad_norm']))
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
     results.append((state.params, norms, moments))

@@ -38,6 +38,10 @@ class Task:
     of optimiser step `step`, as numpy arrays.
   eval_batches: the fixed eval set. tokens_per_step: tokens one optimiser step consumes.
   flops_per_token(params) -> training FLOPs per token, for MFU.
+  batch_weight(batch) -> scalar: what loss_fn averages over (e.g. the weighted target tokens),
+    when it varies between batches; with train.grad_accum_steps > 1 each micro-batch's gradient
+    then counts in proportion to it, so the step equals one over the whole batch (`micro_scales`).
+    None: every micro-batch counts the same (right when all hold as many of the loss's units).
   """
   init_params: Callable[[jax.Array], Params]
   loss_fn: Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict]]
@@ -46,6 +50,7 @@ class Task:
   eval_batches: list[Batch]
   tokens_per_step: int
   flops_per_token: Callable[[Params], float]
+  batch_weight: Callable[[Batch], jax.Array] | None = None
 
 
 @flax.struct.dataclass
@@ -80,16 +85,23 @@ class Preempted:
 def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
                     state_sharding: Any = None, batch_sharding: Any = None,
                     flat_optimizer: bool = False):
-  """One micro-step: loss, grads, optimiser update. `index` = step * accum + micro seeds dropout.
+  """One micro-step: loss, grads, optimiser update. `index` = step * accum + micro seeds dropout;
+  the gradient is multiplied by `grad_scale` (float32 scalar, see `micro_scales`; 1 without
+  accumulation), the reported loss is not.
 
   flat_optimizer: `tx` was made with flat=True (see optimizer.grad_norm).
 
   With shardings, the state stays sharded as given (donated, updated in place) and batches
   arrive sharded over the batch axes.
   """
-  def train_step(state: TrainState, batch: Batch, index: jax.Array):
+  def scaled_loss(params, batch, key, grad_scale):
+    loss, aux = task.loss_fn(params, batch, key)
+    return loss * grad_scale, (loss, aux)
+
+  def train_step(state: TrainState, batch: Batch, index: jax.Array, grad_scale: jax.Array):
     key = jax.random.fold_in(jax.random.key(seed), index)
-    (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(state.params, batch, key)
+    (_, (loss, aux)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
+        state.params, batch, key, grad_scale)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state), {
@@ -97,8 +109,21 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
   options = perf.compiler_options()
   if state_sharding is None:
     return jax.jit(train_step, donate_argnums=0, compiler_options=options)
-  return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding, None),
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(state_sharding, batch_sharding, None, None),
                  out_shardings=(state_sharding, None), compiler_options=options)
+
+
+def micro_scales(weights: list[float]) -> np.ndarray:
+  """float32 [k]: gradient scales of a step's k micro-batches whose losses are means over
+  `weights` units each (e.g. target tokens). optax.MultiSteps averages the k gradients; scaled by
+  k * w_i / sum(w), their average is the gradient of the mean over all the step's units, as one
+  batch would give (equal micro-batch means would over-weight the units of a small micro-batch).
+  """
+  w = np.asarray(weights, np.float64)
+  if w.sum() <= 0:
+    return np.ones(len(w), np.float32)
+  return (len(w) * w / w.sum()).astype(np.float32)
 
 
 def evaluate(eval_step, params: Params, batches: list[Batch]) -> dict[str, float]:
@@ -169,7 +194,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   first = get_batch(start, 0)
   t0 = time.perf_counter()
   train_step = make_train_step(task, tx, config.seed, state_sharding, batch_sharding,
-                               flat).lower(state, first, np.int32(0)).compile()
+                               flat).lower(state, first, np.int32(0), np.float32(1)).compile()
+  batch_weight = jax.jit(task.batch_weight) if task.batch_weight and accum > 1 else None
   compile_sec = time.perf_counter() - t0
   eval_step = jax.jit(task.eval_fn)
   eval_batches = [parallel.to_global({k: v[rows] for k, v in b.items()}, batch_sharding)
@@ -196,11 +222,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   try:
     with Preempted() as preempted:
       for step in range(start, cfg.steps):
-        for micro in range(accum):
-          t_data = time.perf_counter()
-          batch = first if (step, micro) == (start, 0) else get_batch(step, micro)
-          data_sec += time.perf_counter() - t_data
-          state, out = train_step(state, batch, np.int32(step * accum + micro))
+        t_data = time.perf_counter()
+        batches = [first if (step, m) == (start, 0) else get_batch(step, m) for m in range(accum)]
+        scales = (micro_scales([float(batch_weight(b)) for b in batches]) if batch_weight
+                  else np.ones(accum, np.float32))
+        data_sec += time.perf_counter() - t_data
+        for micro, batch in enumerate(batches):
+          state, out = train_step(state, batch, np.int32(step * accum + micro), scales[micro])
           if pending is not None:
             pull(*pending)
           pending = (out, step + 1)
@@ -214,10 +242,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
           tokens_per_sec = steps_in_interval * task.tokens_per_step / elapsed
           last = {f'train/{k}': float(np.mean([h[k] for h in history])) for k in history[0]}
           last.update({'train/tokens_per_sec': tokens_per_sec,
-                     'train/tokens_per_sec_per_device': tokens_per_sec / jax.device_count(),
+                       'train/tokens_per_sec_per_device': tokens_per_sec / jax.device_count(),
                        'train/mfu': tokens_per_sec * flops_per_token / peak,
                        'train/data_wait_frac': data_sec / elapsed,
-                       'train/learning_rate': float(schedule(done))})
+                       'train/learning_rate': float(schedule(done - 1))})  # This update's.
           if is_main:
             writer.write(done, last)
             print(progress.line(done, {'loss': last['train/loss'],
@@ -225,6 +253,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
                   flush=True)
           history, steps_in_interval, data_sec = [], 0, 0.0
           t_interval = time.perf_counter()
+        t_pause = time.perf_counter()  # Eval and checkpoints are not training time.
         if done % cfg.eval_every == 0 or is_last:
           if pending is not None:
             pull(*pending)
@@ -236,13 +265,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
             writer.write(done, ev)
             print(f'  eval at step {done}: ' + ', '.join(f'{k[5:]} {v:.4g}' for k, v in ev.items()),
                   flush=True)
-          t_interval = time.perf_counter()
         if done % cfg.checkpoint_every == 0 or is_last or preempted.requested:
           if pending is not None:  # Never save weights whose loss we have not seen to be finite.
             pull(*pending)
             pending = None
           ckpt.save(done, state)
-          t_interval = time.perf_counter()
+        t_interval += time.perf_counter() - t_pause
         if preempted.requested:
           ckpt.wait()
           print(f'saved the checkpoint at step {done}; rerun the same command to resume',

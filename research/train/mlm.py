@@ -21,7 +21,7 @@ from research.data import mlm
 from research.nn import moe
 from research.nn.transformer import EncoderLM
 from research.train import loop
-from research.train.pretrain import lm_loss, prepare_data
+from research.train.pretrain import lm_loss, prepare_data, target_tokens
 
 
 def mlm_fns(model: EncoderLM) -> tuple[Callable, Callable]:
@@ -69,7 +69,10 @@ def make_task(config: ml_collections.ConfigDict, model: EncoderLM, tok: tokenize
                                     config.seed, config.mlm, tok),
       tokens_per_step=t.batch_size * t.seq_len,
       flops_per_token=lambda params: perf.train_flops_per_token(
-          params, m.num_layers, m.d_model, t.seq_len, m.moe_top_k / m.num_experts))
+          params, m.num_layers, m.d_model, t.seq_len, m.moe_top_k / m.num_experts),
+      # The masked-token loss is a mean over the selected tokens, whose count varies; with the
+      # next-sentence loss (a mean over rows) added, micro-batches count the same.
+      batch_weight=None if config.mlm.next_sentence else target_tokens)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:

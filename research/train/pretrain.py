@@ -36,6 +36,11 @@ def lm_loss(logits: jnp.ndarray, targets: jnp.ndarray,
   return (losses * weights).sum() / total, accuracy
 
 
+def target_tokens(batch: loop.Batch) -> jax.Array:
+  """The weighted targets that `lm_loss` averages over (a `loop.Task.batch_weight`)."""
+  return batch['weights'].sum()
+
+
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
                       train_texts) -> tokenizers.Tokenizer:
   """Loads the workdir's tokenizer, or trains one on the train split and saves it there."""

@@ -24,7 +24,7 @@ from research.data import numbers
 from research.errors import UserError
 from research.nn.transformer import DecoderLM, init_decoder
 from research.train import loop
-from research.train.pretrain import lm_fns, prepare_tokenizer
+from research.train.pretrain import lm_fns, prepare_tokenizer, target_tokens
 
 Batch = dict[str, np.ndarray]
 TOKENIZER_PAIRS = 5000  # Train pairs the tokenizer learns its vocabulary from.
@@ -98,7 +98,8 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM,
       train_batch=train_batch,
       eval_batches=[encode_pairs(p, tok, t.seq_len) for p in held_out_pairs(config)],
       tokens_per_step=2 * t.batch_size * t.seq_len,
-      flops_per_token=lambda params: flops_per_token(params, m.num_layers, m.d_model, t.seq_len))
+      flops_per_token=lambda params: flops_per_token(params, m.num_layers, m.d_model, t.seq_len),
+      batch_weight=target_tokens)
 
 
 def held_out_pairs(config: ml_collections.ConfigDict) -> list[list[tuple[str, str]]]:

@@ -120,7 +120,8 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
           train_rows, micro_batch, config.seed, step, micro, rows),
       eval_batches=sft_data.fixed_batches(held_out_rows, t.eval_batches, micro_batch),
       tokens_per_step=t.batch_size * t.seq_len,
-      flops_per_token=lambda params: flops)
+      flops_per_token=lambda params: flops,
+      batch_weight=pretrain.target_tokens)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
