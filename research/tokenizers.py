@@ -114,9 +114,9 @@ class Tokenizer(abc.ABC):
                    pad_left: bool = False, truncate: bool = True) -> np.ndarray:
     """Ids of `texts` as int32 [len(texts), length], padded with `pad_id`.
 
-    Longer rows keep their first `length` ids, or their last ones with
-    `pad_left` (a left-padded generation prompt must keep its end);
-    `truncate=False` raises instead.
+    Longer rows keep their BOS/EOS and the first ids of the text that fit,
+    or the last ones with `pad_left` (a left-padded generation prompt must
+    keep its end); `truncate=False` raises instead.
     """
     _check_texts(texts, 'encode_batch')
     if length < 1:
@@ -130,6 +130,10 @@ class Tokenizer(abc.ABC):
           raise UserError(f'encode_batch: text {row} has {len(ids)} tokens '
                           f'but length={length}; raise length or pass '
                           f'truncate=True.')
+        body = self._encode(text)
+        room = max(length - add_bos - add_eos, 0)
+        body = body[len(body) - room:] if pad_left else body[:room]
+        ids = [self.bos_id] * add_bos + body + [self.eos_id] * add_eos
         ids = ids[-length:] if pad_left else ids[:length]
       if pad_left:
         out[row, length - len(ids):] = ids

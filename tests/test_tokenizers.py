@@ -148,6 +148,9 @@ def test_encode_batch_pads_and_truncates(toks):
   np.testing.assert_array_equal(tok.encode_batch(['abab'], 2), [[a, b]])
   np.testing.assert_array_equal(
       tok.encode_batch(['abba'], 2, add_eos=True, pad_left=True), [[a, 3]])
+  np.testing.assert_array_equal(  # Truncation keeps BOS and EOS.
+      tok.encode_batch(['abab'], 3, add_bos=True, pad_left=True), [[2, a, b]])
+  np.testing.assert_array_equal(tok.encode_batch(['abab'], 3, add_eos=True), [[a, b, 3]])
   with pytest.raises(UserError, match='text 1 has 5 tokens but length=4'):
     tok.encode_batch(['ab', 'abbab'], 4, truncate=False)
 
