@@ -89,7 +89,9 @@ def balance_losses(logits_GxSxE: jnp.ndarray, gates_GxSxE: jnp.ndarray, routed_G
 
 def capacity(cfg: ModelConfig, group_size: int) -> int:
   """Slots per expert and group: capacity_factor * top_k * group_size / num_experts, rounded up;
-  group_size (nothing dropped) when capacity_factor <= 0."""
+  group_size (nothing dropped) when capacity_factor <= 0. A group is a row, so a cached decode
+  step (one token per row) always finds a slot: generation never drops a token, while a
+  full-sequence pass (training, eval, PPO's log-probs) may, as in GShard and Switch."""
   if cfg.moe_capacity_factor <= 0:
     return group_size
   slots = math.ceil(cfg.moe_capacity_factor * cfg.moe_top_k * group_size / cfg.num_experts)
