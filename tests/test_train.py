@@ -171,6 +171,16 @@ def test_accumulated_token_means_equal_the_big_batch():
   assert np.abs(train(halves, one) - big).max() > 1e-2
 
 
+def test_eval_averages_weighted_means_over_the_whole_set():
+  """A metric given as (mean, weight) averages to the mean over all the weight (3 tokens of mean
+  1 and 1 token of mean 5: 2, not 3); a plain scalar to the mean over batches."""
+  batches = [{'sum': np.float32(3.0), 'n': np.float32(3.0)},
+             {'sum': np.float32(5.0), 'n': np.float32(1.0)}]
+  step = jax.jit(lambda params, b: {'loss': (b['sum'] / b['n'], b['n']), 'rows': b['sum']})
+  got = loop.evaluate(step, None, batches)
+  assert got == {'eval/loss': pytest.approx(2.0), 'eval/rows': pytest.approx(4.0)}
+
+
 def test_flattened_optimizer_equals_adamw_per_parameter():
   """The flat optimizer (train.flatten_optimizer): the same updates (clipping active, decay on
   matrices only) and grad_norm metric as the per-parameter AdamW, with a flat moment vector."""

@@ -33,7 +33,9 @@ class Task:
 
   init_params(key) -> params.
   loss_fn(params, batch, key) -> (scalar loss, dict of scalar metrics); key drives dropout.
-  eval_fn(params, batch) -> dict of scalar metrics (averaged over eval batches).
+  eval_fn(params, batch) -> dict of the batch's metrics: scalars (the eval averages them over
+    batches) or (mean, weight) pairs (averaged in proportion to weight, e.g. the tokens a mean
+    is over, so that the result is the mean over the whole eval set).
   train_batch(step, micro, rows) -> rows `rows` (this process's share) of micro-batch `micro`
     of optimiser step `step`, as numpy arrays.
   eval_batches: the fixed eval set. tokens_per_step: tokens one optimiser step consumes.
@@ -127,8 +129,18 @@ def micro_scales(weights: list[float]) -> np.ndarray:
 
 
 def evaluate(eval_step, params: Params, batches: list[Batch]) -> dict[str, float]:
+  """{'eval/<metric>': its average over `batches`} (see `Task.eval_fn`)."""
   results = jax.device_get([eval_step(params, b) for b in batches])
-  return {f'eval/{k}': float(np.mean([r[k] for r in results])) for k in results[0]}
+  averages = {}
+  for k in results[0]:
+    values = [r[k] for r in results]
+    if isinstance(values[0], tuple):
+      means, weights = np.array([v[0] for v in values]), np.array([v[1] for v in values])
+      averages[f'eval/{k}'] = float(np.average(means, weights=weights) if weights.sum() > 0
+                                    else np.mean(means))
+    else:
+      averages[f'eval/{k}'] = float(np.mean(values))
+  return averages
 
 
 @dataclasses.dataclass

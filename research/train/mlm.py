@@ -49,7 +49,10 @@ def mlm_fns(model: EncoderLM) -> tuple[Callable, Callable]:
 
   def eval_fn(params, batch):
     loss, metrics = objective(*model.apply({'params': params}, batch['inputs']), batch)
-    return {'loss': loss, **metrics}
+    # The masked-token metrics are means over the selected tokens; NSP's over rows.
+    tokens = batch['weights'].sum()
+    by_token = {k: (metrics[k], tokens) for k in ('accuracy', 'mlm_loss') if k in metrics}
+    return {'loss': loss if 'nsp_loss' in metrics else (loss, tokens), **metrics, **by_token}
 
   return loss_fn, eval_fn
 

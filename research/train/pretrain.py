@@ -102,10 +102,11 @@ def lm_fns(model: DecoderLM) -> tuple[Callable, Callable]:
     aux_loss, moe_metrics = moe.collect_losses(state.get('intermediates', {}))
     return loss + aux_loss, {'accuracy': accuracy, **moe_metrics}
 
-  def eval_fn(params, batch):
+  def eval_fn(params, batch):  # Means over the batch's weighted targets, weighted by their count.
     logits, _ = forward(params, batch)
-    loss, accuracy = lm_loss(logits, batch['targets'], batch.get('weights'))
-    return {'loss': loss, 'accuracy': accuracy}
+    weights = batch.get('weights', jnp.ones(batch['targets'].shape, jnp.float32))
+    loss, accuracy = lm_loss(logits, batch['targets'], weights)
+    return {'loss': (loss, weights.sum()), 'accuracy': (accuracy, weights.sum())}
 
   return loss_fn, eval_fn
 
