@@ -130,7 +130,7 @@ class Tokenizer(abc.ABC):
           raise UserError(f'encode_batch: text {row} has {len(ids)} tokens '
                           f'but length={length}; raise length or pass '
                           f'truncate=True.')
-        body = self._encode(text)
+        body = ids[add_bos:len(ids) - add_eos]
         room = max(length - add_bos - add_eos, 0)
         body = body[len(body) - room:] if pad_left else body[:room]
         ids = [self.bos_id] * add_bos + body + [self.eos_id] * add_eos

@@ -397,7 +397,7 @@ def test_generate_main(tok, lm, monkeypatch, tmp_path, capsys):
     generate.generate_main('run', 'the ' * 40, greedy)
 
 
-@pytest.mark.parametrize('length_penalty', [0.0, 1.0])
+@pytest.mark.parametrize('length_penalty', [0.0, 1.0, -0.5])
 def test_beam_search_waits_for_an_alive_beam_that_can_still_win(length_penalty):
   """A confident model: A -> C -> D -> EOS at p ~ 0.99 each, an EOS at p = 0.005 after A and
   after C. Those two unlikely endings rank in the top n = 2 candidates and fill both finished

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from research import config as config_lib
 from research import metrics as metrics_lib
@@ -40,10 +41,12 @@ class Task:
     of optimiser step `step`, as numpy arrays.
   eval_batches: the fixed eval set. tokens_per_step: tokens one optimiser step consumes.
   flops_per_token(params) -> training FLOPs per token, for MFU.
-  batch_weight(batch) -> scalar: what loss_fn averages over (e.g. the weighted target tokens),
-    when it varies between batches; with train.grad_accum_steps > 1 each micro-batch's gradient
-    then counts in proportion to it, so the step equals one over the whole batch (`micro_scales`).
-    None: every micro-batch counts the same (right when all hold as many of the loss's units).
+  batch_weight(batch) -> float: what loss_fn averages over in a batch of numpy rows (e.g. the
+    weighted target tokens), when it varies between batches; with train.grad_accum_steps > 1 each
+    micro-batch's gradient (of the whole loss_fn, MoE auxiliary losses included) then counts in
+    proportion to it, so the step equals one over the whole batch (`micro_scales`), and so does
+    the logged train loss. None: every micro-batch counts the same (right when all hold as many
+    of the loss's units).
   """
   init_params: Callable[[jax.Array], Params]
   loss_fn: Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict]]
@@ -52,7 +55,7 @@ class Task:
   eval_batches: list[Batch]
   tokens_per_step: int
   flops_per_token: Callable[[Params], float]
-  batch_weight: Callable[[Batch], jax.Array] | None = None
+  batch_weight: Callable[[Batch], float] | None = None
 
 
 @flax.struct.dataclass
@@ -207,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   t0 = time.perf_counter()
   train_step = make_train_step(task, tx, config.seed, state_sharding, batch_sharding,
                                flat).lower(state, first, np.int32(0), np.float32(1)).compile()
-  batch_weight = jax.jit(task.batch_weight) if task.batch_weight and accum > 1 else None
+  weigh = task.batch_weight is not None and accum > 1
   compile_sec = time.perf_counter() - t0
   eval_step = jax.jit(task.eval_fn)
   eval_batches = [parallel.to_global({k: v[rows] for k, v in b.items()}, batch_sharding)
@@ -223,27 +226,39 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   pending = None  # Metrics of the previous micro-step, read after the next one is dispatched.
   t_interval, steps_in_interval, data_sec = time.perf_counter(), 0, 0.0
 
-  def pull(pending_metrics, step):
+  def pull(pending_metrics, step, weight):
     values = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
     if not np.isfinite(values['loss']):
       raise UserError(f'the loss became {values["loss"]} at step {step}; lower '
                       'train.learning_rate or raise train.warmup_steps, then resume from the last '
                       'checkpoint (it holds finite weights).')
-    history.append(values)
+    history.append((values, weight))
+
+  def step_batches(step: int) -> tuple[list[Batch], np.ndarray]:
+    """This process's host rows of the step's micro-batches and their gradient scales."""
+    host = [task.train_batch(step, m, rows) for m in range(accum)]
+    weights = np.array([task.batch_weight(b) for b in host], np.float64)
+    if jax.process_count() > 1:  # Each process holds its rows: the weights are their sums.
+      weights = np.asarray(multihost_utils.process_allgather(weights)).sum(axis=0)
+    return host, micro_scales(weights)
 
   try:
     with Preempted() as preempted:
       for step in range(start, cfg.steps):
         t_data = time.perf_counter()
-        batches = [first if (step, m) == (start, 0) else get_batch(step, m) for m in range(accum)]
-        scales = (micro_scales([float(batch_weight(b)) for b in batches]) if batch_weight
-                  else np.ones(accum, np.float32))
+        host, scales = step_batches(step) if weigh else (None, np.ones(accum, np.float32))
         data_sec += time.perf_counter() - t_data
-        for micro, batch in enumerate(batches):
+        for micro in range(accum):
+          t_data = time.perf_counter()
+          if host:
+            batch = parallel.to_global(host[micro], batch_sharding)
+          else:
+            batch = first if (step, micro) == (start, 0) else get_batch(step, micro)
+          data_sec += time.perf_counter() - t_data
           state, out = train_step(state, batch, np.int32(step * accum + micro), scales[micro])
           if pending is not None:
             pull(*pending)
-          pending = (out, step + 1)
+          pending = (out, step + 1, scales[micro])
         steps_in_interval += 1
         done = step + 1
         is_last = done == cfg.steps
@@ -252,7 +267,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
           pending = None
           elapsed = time.perf_counter() - t_interval
           tokens_per_sec = steps_in_interval * task.tokens_per_step / elapsed
-          last = {f'train/{k}': float(np.mean([h[k] for h in history])) for k in history[0]}
+          weights = [w for _, w in history]
+          last = {f'train/{k}': float(np.average([h[k] for h, _ in history], weights=weights))
+                  for k in history[0][0]}
           last.update({'train/tokens_per_sec': tokens_per_sec,
                        'train/tokens_per_sec_per_device': tokens_per_sec / jax.device_count(),
                        'train/mfu': tokens_per_sec * flops_per_token / peak,
@@ -265,11 +282,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
                   flush=True)
           history, steps_in_interval, data_sec = [], 0, 0.0
           t_interval = time.perf_counter()
+        evaluate_now = done % cfg.eval_every == 0 or is_last
+        save_now = done % cfg.checkpoint_every == 0 or is_last or preempted.requested
+        if (evaluate_now or save_now) and pending is not None:
+          pull(*pending)  # Never save weights whose loss we have not seen to be finite.
+          pending = None
         t_pause = time.perf_counter()  # Eval and checkpoints are not training time.
-        if done % cfg.eval_every == 0 or is_last:
-          if pending is not None:
-            pull(*pending)
-            pending = None
+        if evaluate_now:
           ev = evaluate(eval_step, state.params, eval_batches)
           ev['eval/perplexity'] = float(np.exp(ev['eval/loss']))
           last.update(ev)
@@ -277,10 +296,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
             writer.write(done, ev)
             print(f'  eval at step {done}: ' + ', '.join(f'{k[5:]} {v:.4g}' for k, v in ev.items()),
                   flush=True)
-        if done % cfg.checkpoint_every == 0 or is_last or preempted.requested:
-          if pending is not None:  # Never save weights whose loss we have not seen to be finite.
-            pull(*pending)
-            pending = None
+        if save_now:
           ckpt.save(done, state)
         t_interval += time.perf_counter() - t_pause
         if preempted.requested:

@@ -36,9 +36,9 @@ def lm_loss(logits: jnp.ndarray, targets: jnp.ndarray,
   return (losses * weights).sum() / total, accuracy
 
 
-def target_tokens(batch: loop.Batch) -> jax.Array:
+def target_tokens(batch: loop.Batch) -> float:
   """The weighted targets that `lm_loss` averages over (a `loop.Task.batch_weight`)."""
-  return batch['weights'].sum()
+  return float(np.sum(batch['weights']))
 
 
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
