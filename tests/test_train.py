@@ -139,8 +139,9 @@ def test_gradient_accumulation_equals_the_big_batch():
 
 def test_accumulated_token_means_equal_the_big_batch():
   """Losses that are means over weighted tokens (SFT, seq2seq, MLM): micro-batches holding 3 and
-  1 tokens, their gradients scaled by loop.micro_scales, make the step of the 4 tokens at once;
-  plain averaging of the two means would weight the lone token 3 times as much."""
+  1 tokens, their gradients scaled by loop.micro_scales, make the step of the 4 tokens at once
+  (and its grad_norm, reported at the last micro-batch); plain averaging of the two means would
+  weight the lone token 3 times as much."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(6, 3)).astype(np.float32)
   y = rng.normal(size=(6,)).astype(np.float32)
@@ -160,15 +161,18 @@ def test_accumulated_token_means_equal_the_big_batch():
     state = loop.TrainState(p, tx.init(p))
     step = loop.make_train_step(task, tx, seed=0)
     for i, (rows, scale) in enumerate(zip(micro_batches, scales)):
-      state, _ = step(state, {'x': x[rows], 'y': y[rows], 'w': w[rows]}, np.int32(i), scale)
-    return np.asarray(state.params['w'])
+      state, out = step(state, {'x': x[rows], 'y': y[rows], 'w': w[rows]}, np.int32(i), scale)
+    return np.asarray(state.params['w']), float(out['grad_norm'])
 
   one = np.ones(2, np.float32)
-  big = train([slice(0, 6)], one)
+  big, big_norm = train([slice(0, 6)], one)
+  np.testing.assert_allclose(big_norm, np.linalg.norm((np.ones(3) - big) / 0.1), rtol=1e-5)
   halves = [slice(0, 3), slice(3, 6)]
   np.testing.assert_allclose(loop.micro_scales([3.0, 1.0]), [1.5, 0.5])
-  np.testing.assert_allclose(train(halves, loop.micro_scales([3.0, 1.0])), big, atol=1e-6)
-  assert np.abs(train(halves, one) - big).max() > 1e-2
+  accumulated, norm = train(halves, loop.micro_scales([3.0, 1.0]))
+  np.testing.assert_allclose(accumulated, big, atol=1e-6)
+  np.testing.assert_allclose(norm, big_norm, rtol=1e-5)
+  assert np.abs(train(halves, one)[0] - big).max() > 1e-2
 
 
 def test_eval_averages_weighted_means_over_the_whole_set():

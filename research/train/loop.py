@@ -92,7 +92,9 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
                     flat_optimizer: bool = False):
   """One micro-step: loss, grads, optimiser update. `index` = step * accum + micro seeds dropout;
   the gradient is multiplied by `grad_scale` (float32 scalar, see `micro_scales`; 1 without
-  accumulation), the reported loss is not.
+  accumulation), the reported loss is not. The reported grad_norm is that of the gradient the
+  optimiser step applies (before clipping): with accumulation (optax.MultiSteps), of the mean of
+  the step's micro-batch gradients so far, the whole step's at its last micro-batch.
 
   flat_optimizer: `tx` was made with flat=True (see optimizer.grad_norm).
 
@@ -107,10 +109,15 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
     key = jax.random.fold_in(jax.random.key(seed), index)
     (_, (loss, aux)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
         state.params, batch, key, grad_scale)
+    step_grads = grads
+    if isinstance(state.opt_state, optax.MultiStepsState):  # MultiSteps' running mean.
+      n = state.opt_state.mini_step
+      step_grads = jax.tree.map(lambda acc, g: acc + (g - acc) / (n + 1),
+                                state.opt_state.acc_grads, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, opt_state), {
-        'loss': loss, 'grad_norm': optimizer.grad_norm(grads, flat_optimizer), **aux}
+        'loss': loss, 'grad_norm': optimizer.grad_norm(step_grads, flat_optimizer), **aux}
   options = perf.compiler_options()
   if state_sharding is None:
     return jax.jit(train_step, donate_argnums=0, compiler_options=options)
@@ -226,13 +233,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   pending = None  # Metrics of the previous micro-step, read after the next one is dispatched.
   t_interval, steps_in_interval, data_sec = time.perf_counter(), 0, 0.0
 
-  def pull(pending_metrics, step, weight):
+  def pull(pending_metrics, step, weight, last_micro):
     values = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
     if not np.isfinite(values['loss']):
       raise UserError(f'the loss became {values["loss"]} at step {step}; lower '
                       'train.learning_rate or raise train.warmup_steps, then resume from the last '
                       'checkpoint (it holds finite weights).')
-    history.append((values, weight))
+    history.append((values, weight, last_micro))
+
+  def interval_mean(k: str) -> float:
+    """Metric k over the log interval: the micro-steps' values weighted as their gradients
+    (see micro_scales); grad_norm, the optimiser steps' (their last micro-steps)."""
+    if k == 'grad_norm':
+      return float(np.mean([h[k] for h, _, last_micro in history if last_micro]))
+    return float(np.average([h[k] for h, _, _ in history], weights=[w for _, w, _ in history]))
 
   def step_batches(step: int) -> tuple[list[Batch], np.ndarray]:
     """This process's host rows of the step's micro-batches and their gradient scales."""
@@ -258,7 +272,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
           state, out = train_step(state, batch, np.int32(step * accum + micro), scales[micro])
           if pending is not None:
             pull(*pending)
-          pending = (out, step + 1, scales[micro])
+          pending = (out, step + 1, scales[micro], micro == accum - 1)
         steps_in_interval += 1
         done = step + 1
         is_last = done == cfg.steps
@@ -267,9 +281,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
           pending = None
           elapsed = time.perf_counter() - t_interval
           tokens_per_sec = steps_in_interval * task.tokens_per_step / elapsed
-          weights = [w for _, w in history]
-          last = {f'train/{k}': float(np.average([h[k] for h, _ in history], weights=weights))
-                  for k in history[0][0]}
+          last = {f'train/{k}': interval_mean(k) for k in history[0][0]}
           last.update({'train/tokens_per_sec': tokens_per_sec,
                        'train/tokens_per_sec_per_device': tokens_per_sec / jax.device_count(),
                        'train/mfu': tokens_per_sec * flops_per_token / peak,
