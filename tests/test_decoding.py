@@ -25,6 +25,9 @@ ARCHS = {  # Few, as each compiles its own programs.
     'gqa_rope': {'num_kv_heads': 2, 'pos_encoding': 'rope', 'norm': 'rmsnorm', 'ffn': 'swiglu'},
     'mqa_sinusoidal': {'num_kv_heads': 1, 'pos_encoding': 'sinusoidal'},
     'gqa_xla': {'num_kv_heads': 2, 'attention': 'xla'},  # JAX's attention on the cache.
+    # Every FFN an MoE whose experts keep every token (a cached step never drops one; a full
+    # pass may when capacity binds, see moe.capacity).
+    'moe': {'moe_every': 1, 'num_experts': 4, 'moe_top_k': 2, 'moe_capacity_factor': 0.0},
 }
 NEW = 8  # max_new_tokens in most tests
 
