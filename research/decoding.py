@@ -19,7 +19,7 @@ import numpy as np
 
 from research import tokenizers
 from research.errors import UserError
-from research.nn.transformer import Cache, init_cache, repeat_cache
+from research.nn.transformer import Cache, init_cache, take_cache_rows
 
 # Prompts are left-padded to a multiple of this many tokens, so that prompts of similar length
 # (e.g. the turns of a chat) share one compiled decode loop.
@@ -166,11 +166,6 @@ def _best(tokens: jnp.ndarray, scores: jnp.ndarray, n: int) -> tuple[jnp.ndarray
   return jnp.take_along_axis(tokens, idx[..., None], axis=1), scores
 
 
-def _of_source(path: tuple) -> bool:
-  """Whether a cache leaf at `path` belongs to the source (encoder-decoder models)."""
-  return any(getattr(k, 'key', None) in ('cross', 'memory_seg') for k in path)
-
-
 @functools.partial(jax.jit, static_argnames=('model', 'num_beams', 'max_new_tokens'))
 def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask: jnp.ndarray, *,
                 num_beams: int, max_new_tokens: int, length_penalty: float, eos_id: int,
@@ -198,7 +193,7 @@ def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask
                                      source, source_mask)
   # One prefill per prompt, then every row is tiled to its n beams.
   logits, positions = jnp.repeat(logits, n, axis=0), jnp.repeat(positions, n, axis=0)
-  cache = repeat_cache(model.cfg, cache, n)
+  cache = take_cache_rows(model.cfg, cache, jnp.repeat(jnp.arange(b), n))
   first_row = jnp.arange(b)[:, None] * n  # [b, 1] flat index of each row's first beam
 
   def length_norm(logprob, length):
@@ -226,8 +221,7 @@ def beam_search(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask
     take = lambda x: jnp.take_along_axis(x, keep, axis=1)
     rows = (first_row + take(parent)).reshape(-1)
     # A row's beams share its source: the cross-attention keys/values stay as they are.
-    cache = jax.tree_util.tree_map_with_path(
-        lambda path, x: x[rows] if x.ndim and not _of_source(path) else x, s.cache)
+    cache = take_cache_rows(model.cfg, s.cache, rows, source=False)
     logits, cache = decode_step(model, params, take(tok).reshape(-1), positions + s.step, cache)
     alive = jnp.take_along_axis(hyps, keep[..., None], axis=1)
     return _Beams(s.step + 1, logits, cache, alive, alive_logprob, finished, scores)

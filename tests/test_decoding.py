@@ -122,18 +122,21 @@ def test_cached_decode_matches_full_forward(models, arch):
     np.testing.assert_allclose(cached, full, atol=1e-4, rtol=0)
 
 
-def test_batched_decode_steps_copy_no_part_of_the_cache(models):
-  """At batch > 1 the einsum kernel keeps the cache heads first, keys transposed (see
-  attention.empty_cache): a decode step writes its slot in place and its batched matmuls read the
-  cache as stored, so the only cache-sized arrays it makes are the 2 per layer it writes."""
-  model, params = models['gqa_rope']
-  b, slots, cfg = 2, 40, model.cfg
+@pytest.mark.parametrize('arch,batch', [('gqa_rope', 2), ('gqa_rope', 1), ('mqa_sinusoidal', 2),
+                                        ('mqa_sinusoidal', 1)])
+def test_decode_steps_copy_no_part_of_the_cache(models, arch, batch):
+  """The einsum kernel keeps the cache heads first, keys transposed, without unit batch or
+  kv-head axes (see attention.empty_cache): a decode step writes its slot in place and its batched
+  matmuls read the cache as stored, so the only cache-sized arrays it makes are the 2 per layer
+  it writes (in other layouts XLA copies the cache, at batch 1 and with MQA too)."""
+  model, params = models[arch]
+  slots, cfg = 40, model.cfg
   step = jax.jit(functools.partial(decoding.decode_step, model), donate_argnums=3)
-  hlo = step.lower(params, jnp.zeros(b, jnp.int32), jnp.zeros((b, 1), jnp.int32),
-                   init_cache(cfg, b, slots)).compile().as_text()
+  hlo = step.lower(params, jnp.zeros(batch, jnp.int32), jnp.zeros((batch, 1), jnp.int32),
+                   init_cache(cfg, batch, slots)).compile().as_text()
   made = re.findall(r'\n\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\S* ([\w-]+)\(',
                     hlo[hlo.index('\nENTRY'):])
-  size = b * slots * cfg.kv_heads * cfg.head_dim
+  size = batch * slots * cfg.kv_heads * cfg.head_dim
   cache_sized = [op for shape, op in made if np.prod([int(d) for d in shape.split(',')]) == size
                  and op not in ('parameter', 'bitcast', 'get-tuple-element')]
   assert len(cache_sized) == 2 * cfg.num_layers, cache_sized

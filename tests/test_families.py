@@ -1,6 +1,7 @@
 """The three model families (decoder, encoder, encoder-decoder), MLM masking, the numbers task,
 and the mlm / seq2seq stages end to end on tiny shapes."""
 
+import dataclasses
 import json
 import os
 
@@ -81,9 +82,12 @@ def test_mqa_shapes():
   attn = params['block_0']['attn']
   assert attn['query']['kernel'].shape == (32, 4 * 8)
   assert attn['key']['kernel'].shape == attn['value']['kernel'].shape == (32, 8)
-  batched = init_cache(cfg, B, 12)['layers']['block_0']  # Heads first, keys transposed.
-  assert batched['k_BxKxHxS'].shape == (B, 1, 8, 12) and batched['v_BxKxSxH'].shape == (B, 1, 12, 8)
-  assert init_cache(cfg, 1, 12)['layers']['block_0']['k'].shape == (1, 12, 1, 8)
+  # Heads first, keys transposed, without the unit kv-heads (and batch) axes.
+  batched = init_cache(cfg, B, 12)['layers']['block_0']
+  assert batched['k_heads'].shape == (B, 8, 12) and batched['v_heads'].shape == (B, 12, 8)
+  assert init_cache(cfg, 1, 12)['layers']['block_0']['k_heads'].shape == (8, 12)
+  xla = dataclasses.replace(cfg, attention='xla')  # JAX's kernels: the projections' layout.
+  assert init_cache(xla, B, 12)['layers']['block_0']['k'].shape == (B, 12, 1, 8)
 
 
 def test_next_sentence_head_shapes():

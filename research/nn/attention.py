@@ -10,7 +10,8 @@ from research.nn.config import ModelConfig
 from research.nn.position import apply_rope
 
 # A self-attention layer's cache: {'k', 'v'} [batch, max_len, kv_heads, head_dim], or heads first
-# {'k_BxKxHxS', 'v_BxKxSxH'} (see `empty_cache`).
+# {'k_heads' [batch, kv_heads, head_dim, max_len], 'v_heads' [batch, kv_heads, max_len, head_dim]}
+# without the batch or kv_heads axis where it is 1 (see `empty_cache`).
 KVCache = dict[str, jnp.ndarray]
 
 
@@ -88,29 +89,43 @@ def einsum_kernel(implementation: str) -> bool:
 def empty_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   """A self-attention layer's zero keys/values for `length` slots.
 
-  With the einsum kernel and batch > 1 they are kept heads first, the keys transposed
-  ({'k_BxKxHxS', 'v_BxKxSxH'}): the operand layouts of XLA:CPU's batched matmuls, so that a decode
-  step copies none of the cache (decoding at context 512, batch 16: GPT-2 small 1.9x,
-  pretrain_small 2.0x faster; batch 2-4: 1.4-1.6x). At batch 1, XLA drops the unit batch dimension
-  and then copies the updated cache once more per layer (1.1-1.7x slower than without), so such
-  caches, like those of JAX's kernels, keep the projections' layout {'k', 'v'} [batch, length,
-  kv_heads, head_dim].
+  With the einsum kernel they are kept heads first, the keys transposed, and without a batch or
+  kv_heads axis of size 1 ({'k_heads', 'v_heads'}): exactly the operands of XLA:CPU's batched
+  matmuls, which drop unit axes, so that a decode step writes its slot in place and copies none
+  of the cache (with any other layout XLA copies the cache once or more per layer and step).
+  Decoding at context 512, batch 16: GPT-2 small 1.9x, pretrain_small 2.0x faster than the
+  projections' layout; batch 1: pretrain_small 2.5-3x; MQA at batch 2: 6 cache-sized copies
+  per layer fewer. JAX's kernels keep the projections' layout {'k', 'v'} [batch, length, kv_heads,
+  head_dim].
   """
   kv = jnp.zeros((batch, length, cfg.kv_heads, cfg.head_dim), cfg.dtype)
   cache = {'k': kv, 'v': kv}
-  return to_heads_first(cache) if heads_first_cache(cfg, batch) else cache
+  return to_heads_first(cache) if einsum_kernel(cfg.attention) else cache
 
 
-def heads_first_cache(cfg: ModelConfig, batch: int) -> bool:
-  """Whether `empty_cache` keeps a batch's keys/values heads first."""
-  return batch > 1 and einsum_kernel(cfg.attention)
+def _drop_unit_rows(x_BxKx___: jnp.ndarray) -> jnp.ndarray:
+  """[batch, kv_heads, ...] without the batch or kv_heads axis where it is 1."""
+  b, k = x_BxKx___.shape[:2]
+  return x_BxKx___.reshape(*[d for d in (b, k) if d > 1], *x_BxKx___.shape[2:])
 
 
 def to_heads_first(cache: KVCache) -> KVCache:
   """A layer's {'k', 'v'} cache heads first, keys transposed (other entries kept)."""
   rest = {n: c for n, c in cache.items() if n not in ('k', 'v')}
-  return {**rest, 'k_BxKxHxS': cache['k'].transpose(0, 2, 3, 1),
-          'v_BxKxSxH': cache['v'].transpose(0, 2, 1, 3)}
+  return {**rest, 'k_heads': _drop_unit_rows(cache['k'].transpose(0, 2, 3, 1)),
+          'v_heads': _drop_unit_rows(cache['v'].transpose(0, 2, 1, 3))}
+
+
+def take_cache_rows(cache: KVCache, rows: jnp.ndarray, batch: int, kv_heads: int) -> KVCache:
+  """A self-attention layer's cache (of `batch` rows, either layout) for the batch rows `rows`
+  (int [m], repeats allowed). Other entries are left as they are."""
+  def take(name, x):
+    if name in ('k', 'v'):
+      return x[rows]
+    if name in ('k_heads', 'v_heads'):
+      return _drop_unit_rows(x.reshape(batch, kv_heads, *x.shape[-2:])[rows])
+    return x
+  return {name: take(name, x) for name, x in cache.items()}
 
 
 def _group_heads(q_BxTxNxH: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
@@ -167,10 +182,15 @@ def cached_attention(q_BxTxNxH: jnp.ndarray, k_BxTxKxH: jnp.ndarray, v_BxTxKxH: 
     cache = {'k': write('k', k_BxTxKxH, 1), 'v': write('v', v_BxTxKxH, 1)}
     return dot_product_attention(q_BxTxNxH, cache['k'].astype(dtype), cache['v'].astype(dtype),
                                  mask_Bx1xTxS, implementation), cache
-  cache = {'k_BxKxHxS': write('k_BxKxHxS', k_BxTxKxH.transpose(0, 2, 3, 1), 3),
-           'v_BxKxSxH': write('v_BxKxSxH', v_BxTxKxH.transpose(0, 2, 1, 3), 2)}
-  out_BxKxGxTxH = _attend_fwd(_group_heads(q_BxTxNxH, k_BxTxKxH.shape[2]),
-                              cache['k_BxKxHxS'].astype(dtype), cache['v_BxKxSxH'].astype(dtype),
+  b, _, kv_heads, h = k_BxTxKxH.shape
+  k_new, v_new = (_drop_unit_rows(k_BxTxKxH.transpose(0, 2, 3, 1)),
+                  _drop_unit_rows(v_BxTxKxH.transpose(0, 2, 1, 3)))
+  cache = {'k_heads': write('k_heads', k_new, k_new.ndim - 1),
+           'v_heads': write('v_heads', v_new, v_new.ndim - 2)}
+  s = cache['k_heads'].shape[-1]
+  out_BxKxGxTxH = _attend_fwd(_group_heads(q_BxTxNxH, kv_heads),
+                              cache['k_heads'].reshape(b, kv_heads, h, s).astype(dtype),
+                              cache['v_heads'].reshape(b, kv_heads, s, h).astype(dtype),
                               mask_Bx1xTxS, k_layout='bkhs')[0]
   return _merge_heads(out_BxKxGxTxH), cache
 

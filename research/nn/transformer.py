@@ -9,15 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.nn.attention import (Attention, attention_mask, dense, empty_cache,
-                                   heads_first_cache, to_heads_first)
+from research.nn import attention
+from research.nn.attention import Attention, attention_mask, dense, empty_cache
 from research.nn.config import ModelConfig
 from research.nn.ffn import FeedForward
 from research.nn.moe import MoE
 from research.nn.norm import Norm
 from research.nn.position import sinusoidal_table
 
-# {'index': [], 'pos'/'seg': [batch, len], 'layers': {block_i: {'k', 'v'}}}; encoder-decoder models
+# {'index': [], 'pos'/'seg': [batch, len], 'layers': {block_i: the self-attention's keys/values
+# (attention.KVCache)}}; encoder-decoder models
 # add the source's segment ids 'memory_seg' [batch, src_len] and, in every block, its
 # cross-attention keys/values 'cross': {'k', 'v'} [batch, src_len, kv_heads, head_dim].
 Cache = dict[str, Any]
@@ -87,13 +88,25 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
           'layers': {f'block_{i}': empty_cache(cfg, batch, length) for i in range(cfg.num_layers)}}
 
 
-def repeat_cache(cfg: ModelConfig, cache: Cache, n: int) -> Cache:
-  """Each row of `cache` repeated n times (rows i*n .. i*n + n-1 copy row i), in the layout
-  `init_cache` gives the larger batch (see attention.empty_cache)."""
-  out = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
+def take_cache_rows(cfg: ModelConfig, cache: Cache, rows: jnp.ndarray,
+                    source: bool = True) -> Cache:
+  """The cache of the batch rows `rows` (int [m], repeats allowed) of `cache`, in the layout
+  `init_cache` gives batch m (see attention.empty_cache). source=False leaves the source's
+  entries (encoder-decoder: 'memory_seg' and the blocks' 'cross' keys/values) as they are, for a
+  reordering within groups of rows that share a source (beam search)."""
   batch = cache['pos'].shape[0]
-  if not heads_first_cache(cfg, batch) and heads_first_cache(cfg, batch * n):
-    out['layers'] = {name: to_heads_first(layer) for name, layer in out['layers'].items()}
+  take = lambda x: x[rows]
+
+  def layer(c):
+    out = attention.take_cache_rows(c, rows, batch, cfg.kv_heads)
+    if 'cross' in c and source:
+      out['cross'] = jax.tree.map(take, c['cross'])
+    return out
+
+  out = {'index': cache['index'], 'pos': take(cache['pos']), 'seg': take(cache['seg']),
+         'layers': {name: layer(c) for name, c in cache['layers'].items()}}
+  if 'memory_seg' in cache:
+    out['memory_seg'] = take(cache['memory_seg']) if source else cache['memory_seg']
   return out
 
 
