@@ -270,6 +270,22 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_corpus, tmp_path):
   assert 'rerun the same command to resume' in out
 
 
+def test_a_signal_during_eval_saves_after_the_next_step(tiny_corpus, tmp_path, monkeypatch):
+  """SIGTERM while the step-2 eval runs (no checkpoint due there): the loop saves after step 3
+  and stops, rather than stopping unsaved."""
+  real_evaluate = loop.evaluate
+
+  def evaluate_then_signal(*args):
+    os.kill(os.getpid(), signal.SIGTERM)  # Caught by loop.Preempted: sets its flag.
+    return real_evaluate(*args)
+
+  monkeypatch.setattr(loop, 'evaluate', evaluate_then_signal)
+  config = tiny_config(tiny_corpus, steps=10, eval_every=2, checkpoint_every=100)
+  result = pretrain.train_and_evaluate(config, str(tmp_path))
+  assert not result.finished
+  assert os.listdir(os.path.join(tmp_path, 'checkpoints')) == ['3']
+
+
 @pytest.mark.parametrize('kind', ['char', 'word', 'byte', 'sentencepiece'])
 def test_pretrain_runs_with_each_tokenizer(kind, tiny_corpus, tmp_path):
   config = tiny_config(tiny_corpus, steps=2, eval_every=2, checkpoint_every=2)

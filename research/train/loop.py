@@ -248,6 +248,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
       return float(np.mean([h[k] for h, _, last_micro in history if last_micro]))
     return float(np.average([h[k] for h, _, _ in history], weights=[w for _, w, _ in history]))
 
+  def stop_requested(done: int) -> bool:
+    """Whether to save and stop after step `done` (SIGTERM or Ctrl-C seen). Several processes
+    agree on it at log steps (the save is collective; an all-gather every step would stall the
+    dispatch queue)."""
+    if jax.process_count() == 1:
+      return preempted.requested
+    if done % cfg.log_every:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(np.array(preempted.requested))))
+
   def step_batches(step: int) -> tuple[list[Batch], np.ndarray]:
     """This process's host rows of the step's micro-batches and their gradient scales."""
     host = [task.train_batch(step, m, rows) for m in range(accum)]
@@ -256,6 +266,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
       weights = np.asarray(multihost_utils.process_allgather(weights)).sum(axis=0)
     return host, micro_scales(weights)
 
+  stop = False
   try:
     with Preempted() as preempted:
       for step in range(start, cfg.steps):
@@ -276,7 +287,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
         steps_in_interval += 1
         done = step + 1
         is_last = done == cfg.steps
-        if done % cfg.log_every == 0 or is_last or preempted.requested:
+        stop = stop_requested(done)  # Read once: a signal during eval or a save waits a step.
+        if done % cfg.log_every == 0 or is_last or stop:
           pull(*pending)
           pending = None
           elapsed = time.perf_counter() - t_interval
@@ -295,7 +307,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
           history, steps_in_interval, data_sec = [], 0, 0.0
           t_interval = time.perf_counter()
         evaluate_now = done % cfg.eval_every == 0 or is_last
-        save_now = done % cfg.checkpoint_every == 0 or is_last or preempted.requested
+        save_now = done % cfg.checkpoint_every == 0 or is_last or stop
         if (evaluate_now or save_now) and pending is not None:
           pull(*pending)  # Never save weights whose loss we have not seen to be finite.
           pending = None
@@ -311,7 +323,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
         if save_now:
           ckpt.save(done, state)
         t_interval += time.perf_counter() - t_pause
-        if preempted.requested:
+        if stop:
           ckpt.wait()
           print(f'saved the checkpoint at step {done}; rerun the same command to resume',
                 flush=True)
@@ -323,6 +335,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
     metrics_lib.plot_losses(writer.path, os.path.join(workdir, 'loss.png'),
                             title=os.path.basename(os.path.normpath(workdir)))
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:  # Read by sweeps.
-      json.dump({'step': done, 'finished': not preempted.requested,
+      json.dump({'step': done, 'finished': not stop,
                  'params': perf.param_count(state.params), 'flops_per_token': flops_per_token}, f)
-  return RunResult(state.params, last, finished=not preempted.requested)
+  return RunResult(state.params, last, finished=not stop)
