@@ -207,9 +207,10 @@ def flat_optimizer(config) -> bool:
 
 
 def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes `workdir/config.json`, refusing a workdir made with other fixed sections."""
+  """Writes `workdir/config.json`, refusing a workdir made with other fixed sections. A workdir
+  that holds nothing else (a run that stopped at a config or data error) takes the new config."""
   path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
+  if os.path.exists(path) and set(os.listdir(workdir)) - {'config.json'}:
     with open(path) as f:
       saved = json.load(f)
     current = json.loads(config.to_json())

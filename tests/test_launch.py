@@ -105,18 +105,33 @@ def test_optimizer_layout_is_fixed_in_a_workdir(tmp_path):
   config = default_config()
   saved = json.loads(config.to_json())
   del saved['train']['flatten_optimizer']
-  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'checkpoints').mkdir(parents=True)
   (tmp_path / 'old' / 'config.json').write_text(json.dumps(saved))
   config_lib.save_to_workdir(config, str(tmp_path / 'old'))
   config.train.flatten_optimizer = True
   with pytest.raises(UserError, match='optimizer state per parameter there, flat now'):
     config_lib.save_to_workdir(config, str(tmp_path / 'old'))
   config_lib.save_to_workdir(config, str(tmp_path / 'new'))
+  (tmp_path / 'new' / 'checkpoints').mkdir()
   config.mesh.data, config.train.steps = 4, 5
   config_lib.save_to_workdir(config, str(tmp_path / 'new'))
   config.mesh.fsdp = 2
   with pytest.raises(UserError, match='optimizer state flat there, per parameter now'):
     config_lib.save_to_workdir(config, str(tmp_path / 'new'))
+
+
+def test_a_workdir_holding_only_its_config_takes_a_corrected_one(tmp_path):
+  """A run that stopped at a data error (a mistyped data.path) wrote only config.json: the rerun
+  with the right path is accepted; once the workdir holds its tokenizer, it is fixed."""
+  config = default_config()
+  config.data.path = '/no/such/file.txt'
+  config_lib.save_to_workdir(config, str(tmp_path))
+  config.data.path = '/the/right/file.txt'
+  config_lib.save_to_workdir(config, str(tmp_path))
+  (tmp_path / 'tokenizer').mkdir()
+  config.data.path = '/another/file.txt'
+  with pytest.raises(UserError, match='data.path'):
+    config_lib.save_to_workdir(config, str(tmp_path))
 
 
 def test_attention_kernel_may_change_in_a_workdir(tmp_path):
@@ -127,6 +142,7 @@ def test_attention_kernel_may_change_in_a_workdir(tmp_path):
   saved = json.loads(config.to_json())
   del saved['model']['attention']
   (tmp_path / 'config.json').write_text(json.dumps(saved))
+  (tmp_path / 'checkpoints').mkdir()
   config_lib.save_to_workdir(config, str(tmp_path))
   config.model.d_model = 64
   with pytest.raises(UserError, match='model.d_model'):
