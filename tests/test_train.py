@@ -98,6 +98,23 @@ def test_resume_after_crash_gives_identical_losses(tiny_corpus, tmp_path, monkey
   assert resumed.metrics['eval/loss'] == full.metrics['eval/loss']
 
 
+def test_jsonl_records_keep_unicode_line_separators_and_split_alike_anywhere(tmp_path):
+  """JSON strings may hold U+2028/U+2029/U+0085 unescaped: a record is one '\\n'-ended line.
+  Record names (which the train/val split hashes) do not depend on where the data lies."""
+  records = [{'text': f'line\u2028sep\u0085{i} 中文'} for i in range(300)]
+  splits = []
+  for where in ('a', 'b/elsewhere'):
+    folder = tmp_path / where / 'corpus'
+    folder.mkdir(parents=True)
+    (folder / 'x.jsonl').write_text(
+        '\n'.join(json.dumps(r, ensure_ascii=False) for r in records), encoding='utf-8')
+    docs = sources.load_documents(str(folder))
+    assert [d.text for d in docs] == [r['text'] for r in records]
+    assert sources.load_documents(str(folder / 'x.jsonl'))[0].name == 'x.jsonl:1'
+    splits.append([d.name for d in sources.split_documents(docs, 0.1)[1]])
+  assert splits[0] == splits[1] and splits[0]
+
+
 def test_few_documents_are_split_inside_each_and_many_whole():
   few = [sources.Document(f'f{i}.txt', 'ab' * 50 * (i + 1)) for i in range(3)]
   train, val = sources.split_documents(few, 0.2)

@@ -36,9 +36,11 @@ def _read_text(path: pathlib.Path) -> str:
                     'or remove it from data.path.') from None
 
 
-def _read_jsonl(path: pathlib.Path, field: str) -> list[Document]:
+def _read_jsonl(path: pathlib.Path, field: str, name: str) -> list[Document]:
+  """The records of a JSONL file as Documents named "name:line". Lines end at '\n' only (JSON
+  strings may hold U+2028 and the like unescaped, which str.splitlines would break at)."""
   docs = []
-  for i, line in enumerate(_read_text(path).splitlines(), 1):
+  for i, line in enumerate(_read_text(path).split('\n'), 1):
     if not line.strip():
       continue
     try:
@@ -48,7 +50,7 @@ def _read_jsonl(path: pathlib.Path, field: str) -> list[Document]:
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
       raise UserError(f'{path}:{i} has no string field "{field}"; each line must be an object '
                       f'like {{"{field}": "..."}}.')
-    docs.append(Document(f'{path}:{i}', record[field]))
+    docs.append(Document(f'{name}:{i}', record[field]))
   return docs
 
 
@@ -56,7 +58,8 @@ def load_documents(path: str, text_field: str = 'text') -> list[Document]:
   """Reads `path`: '' = stdlib corpus; a `.jsonl` file; a text file; or a folder of text files.
 
   Folders are read recursively (hidden files skipped); each file must be UTF-8. Names are relative
-  to the stdlib root or the folder, so the train/val split is the same on every machine.
+  to the stdlib root or the folder (a lone file: its name), so the train/val split is the same
+  wherever the data lies.
   """
   if not path:
     root = pathlib.Path(sysconfig.get_paths()['stdlib'])
@@ -70,12 +73,13 @@ def load_documents(path: str, text_field: str = 'text') -> list[Document]:
                    and not any(part.startswith('.') for part in f.relative_to(p).parts))
     docs = []
     for f in files:
-      docs += (_read_jsonl(f, text_field) if f.suffix == '.jsonl'
-               else [Document(str(f.relative_to(p)), _read_text(f))])
+      name = str(f.relative_to(p))
+      docs += (_read_jsonl(f, text_field, name) if f.suffix == '.jsonl'
+               else [Document(name, _read_text(f))])
   elif p.suffix == '.jsonl':
-    docs = _read_jsonl(p, text_field)
+    docs = _read_jsonl(p, text_field, p.name)
   else:
-    docs = [Document(str(p), _read_text(p))]
+    docs = [Document(p.name, _read_text(p))]
   docs = [d for d in docs if d.text.strip()]
   if not docs:
     raise UserError(f'data.path={path!r} holds no text (empty files or folder); add text files.')
