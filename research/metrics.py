@@ -23,7 +23,8 @@ class MetricsWriter:
   """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
   On resume from `resume_step`, records of later steps (from a run that died after its last
-  checkpoint) are dropped so the file reads like one uninterrupted run.
+  checkpoint) are dropped so the file reads like one uninterrupted run; TensorBoard is told to
+  purge them too (its purge_step).
   """
 
   def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
@@ -36,7 +37,8 @@ class MetricsWriter:
       f.writelines(json.dumps(r) + '\n' for r in kept)
     os.replace(self.path + '.tmp', self.path)
     self.file = open(self.path, 'a')
-    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                                         purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:

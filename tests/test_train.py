@@ -5,6 +5,7 @@ import os
 import platform
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tensorboardX.proto import event_pb2
 
 from research import config as config_lib
 from research.checkpoint import Checkpointer
@@ -96,6 +98,26 @@ def test_resume_after_crash_gives_identical_losses(tiny_corpus, tmp_path, monkey
   full_dir, full = uninterrupted
   assert losses(workdir) == losses(full_dir)  # Steps 1..8, bit for bit.
   assert resumed.metrics['eval/loss'] == full.metrics['eval/loss']
+  assert tensorboard_steps(workdir, 'train/loss') == list(range(1, 9))  # Step 5 once.
+
+
+def tensorboard_steps(workdir: str, tag: str) -> list[int]:
+  """The steps of `tag` that TensorBoard shows: events read in file order (TFRecord framing:
+  length u64, its crc u32, the event, its crc u32), and a SessionLog START at step s purges the
+  points at steps >= s written before it."""
+  steps = []
+  folder = os.path.join(workdir, 'tensorboard')
+  for name in sorted(os.listdir(folder)):
+    data = open(os.path.join(folder, name), 'rb').read()
+    i = 0
+    while i < len(data):
+      n = struct.unpack('<Q', data[i:i + 8])[0]
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 16 + n
+      if event.session_log.status == event_pb2.SessionLog.START:
+        steps = [s for s in steps if s < event.step]
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  return steps
 
 
 def test_jsonl_records_keep_unicode_line_separators_and_split_alike_anywhere(tmp_path):
