@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from research import config as config_lib
 from research.config import default_config
 from research.errors import UserError
+from research.train import stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config.model.num_layers=1', '--config.model.d_model=32', '--config.model.num_heads=2',
@@ -147,3 +149,10 @@ def test_attention_kernel_may_change_in_a_workdir(tmp_path):
   config.model.d_model = 64
   with pytest.raises(UserError, match='model.d_model'):
     config_lib.save_to_workdir(config, str(tmp_path))
+
+
+def test_stages_are_the_modules_that_define_a_trainer():
+  with pytest.raises(UserError) as err:
+    stages.stage_module('stages')  # Mentions train_and_evaluate( but defines none.
+  listed = re.search(r'not one of \[(.*)\]', str(err.value)).group(1)
+  assert listed == "'dpo', 'mlm', 'ppo', 'pretrain', 'reward', 'rlhf', 'seq2seq', 'sft'"

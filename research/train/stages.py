@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import time
 from types import ModuleType
 
@@ -19,7 +20,7 @@ def stage_module(stage: str) -> ModuleType:
   """research/train/<stage>.py, the trainer of config.stage (any module there with a
   train_and_evaluate(config, workdir))."""
   stages = sorted(p.stem for p in pathlib.Path(__file__).parent.glob('*.py')
-                  if 'def train_and_evaluate(' in p.read_text())
+                  if re.search(r'^def train_and_evaluate\(', p.read_text(), re.M))
   if stage not in stages:
     raise UserError(f'stage={stage!r} is not one of {stages}; set --config.stage to one of them.')
   return importlib.import_module(f'research.train.{stage}')
