@@ -137,6 +137,13 @@ def test_jsonl_records_keep_unicode_line_separators_and_split_alike_anywhere(tmp
   assert splits[0] == splits[1] and splits[0]
 
 
+def test_a_split_shorter_than_two_windows_of_targets_is_refused():
+  """lm_batch draws windows of seq_len+1 tokens from starts below len - seq_len - 1."""
+  lm.check_length(np.zeros(18), 16, 'val')
+  with pytest.raises(UserError, match=r'val split has 17 tokens, fewer than train.seq_len\+2=18'):
+    lm.check_length(np.zeros(17), 16, 'val')
+
+
 def test_few_documents_are_split_inside_each_and_many_whole():
   few = [sources.Document(f'f{i}.txt', 'ab' * 50 * (i + 1)) for i in range(3)]
   train, val = sources.split_documents(few, 0.2)

@@ -31,8 +31,8 @@ def cached_tokens(path: str, tokenizer: Tokenizer,
 
 def check_length(tokens: np.ndarray, seq_len: int, split: str) -> None:
   if len(tokens) < seq_len + 2:
-    raise UserError(f'the {split} split has {len(tokens)} tokens, fewer than train.seq_len+1='
-                    f'{seq_len + 1}; use more text, a smaller train.seq_len or (for val) a larger '
+    raise UserError(f'the {split} split has {len(tokens)} tokens, fewer than train.seq_len+2='
+                    f'{seq_len + 2}; use more text, a smaller train.seq_len or (for val) a larger '
                     'data.val_fraction.')
 
 
