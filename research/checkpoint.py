@@ -19,7 +19,8 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 3):
     self.directory = os.path.abspath(directory)  # Orbax needs absolute paths.
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_handlers=ocp.StandardCheckpointHandler())  # Lets saved_tree read a fresh directory.
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -45,6 +46,11 @@ class Checkpointer:
       raise UserError(f'the checkpoint at {self.directory} (step {step}) does not fit this '
                       f'config ({first[:200]}); use a fresh --workdir or the config it was '
                       'trained with.') from None
+
+  def saved_tree(self, step: int) -> Any:
+    """The structure of the tree saved at `step` (nested dicts of array metadata; no arrays are
+    read)."""
+    return self.manager.item_metadata(step)
 
   def close(self) -> None:
     self.manager.wait_until_finished()

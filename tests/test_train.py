@@ -101,6 +101,26 @@ def test_resume_after_crash_gives_identical_losses(tiny_corpus, tmp_path, monkey
   assert tensorboard_steps(workdir, 'train/loss') == list(range(1, 9))  # Step 5 once.
 
 
+def test_gradient_accumulation_may_change_on_resume(tiny_corpus, tmp_path):
+  """Steps 1-4 without accumulation, 5-8 with 2 micro-batches, 9-12 without again: each resume
+  carries the optimiser state over (Adam's step count reaches 12; the moments are kept)."""
+  workdir = str(tmp_path)
+  for steps, accum in ((4, 1), (8, 2), (12, 1)):
+    config = tiny_config(tiny_corpus, steps=steps, grad_accum_steps=accum, eval_every=100)
+    result = pretrain.train_and_evaluate(config, workdir)
+    assert result.finished and np.isfinite(result.metrics['train/loss'])
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'))
+  tx = make_optimizer(config.train, config_lib.flat_optimizer(config))
+  state = loop.restore_state(ckpt, 12, loop.TrainState(result.params, tx.init(result.params)))
+  ckpt.close()
+  counts = [int(x) for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+            if 'count' in jax.tree_util.keystr(path)]
+  assert counts and set(counts) == {12}
+  mu = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+        if 'mu' in jax.tree_util.keystr(path)]
+  assert mu and all(np.abs(np.asarray(m)).sum() > 0 for m in mu)
+
+
 def tensorboard_steps(workdir: str, tag: str) -> list[int]:
   """The steps of `tag` that TensorBoard shows: events read in file order (TFRecord framing:
   length u64, its crc u32, the event, its crc u32), and a SessionLog START at step s purges the

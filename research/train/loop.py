@@ -160,6 +160,25 @@ class RunResult:
   finished: bool  # False when preempted (a checkpoint was saved; rerun to resume).
 
 
+def restore_state(ckpt: Checkpointer, step: int, state: TrainState) -> TrainState:
+  """The checkpoint at `step`, in the layout (and shardings) of `state`. train.grad_accum_steps
+  may change between 1 and k > 1 on resume: the optimiser state is then wrapped in or taken out
+  of optax.MultiSteps' (a checkpoint falls between steps, so its accumulator is empty)."""
+  saved_multi = 'acc_grads' in ckpt.saved_tree(step)['opt_state']
+  multi = isinstance(state.opt_state, optax.MultiStepsState)
+  if saved_multi == multi:
+    return ckpt.restore(step, state)
+  if multi:
+    plain = ckpt.restore(step, TrainState(state.params, state.opt_state.inner_opt_state))
+    return TrainState(plain.params, state.opt_state._replace(inner_opt_state=plain.opt_state))
+  # MultiSteps' step counters: int32 scalars, placed like the optimiser's own (Adam's count).
+  count = next(x for x in jax.tree.leaves(state.opt_state) if x.ndim == 0)
+  saved = ckpt.restore(step, TrainState(state.params, optax.MultiStepsState(
+      mini_step=count, gradient_step=count, inner_opt_state=state.opt_state,
+      acc_grads=state.params, skip_state=())))
+  return TrainState(saved.params, saved.opt_state.inner_opt_state)
+
+
 def restore_params(config: ml_collections.ConfigDict, workdir: str,
                    init_params: Callable[[jax.Array], Params]) -> tuple[Params, int]:
   """The parameters of the latest checkpoint in `workdir` and its step, on one device (for
@@ -203,7 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
-    state = ckpt.restore(start, state)
+    state = restore_state(ckpt, start, state)
     print(f'resumed from the checkpoint at step {start}', flush=True)
   if start >= cfg.steps:
     print(f'{workdir} is already trained to step {start} (train.steps={cfg.steps})', flush=True)
