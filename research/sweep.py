@@ -65,12 +65,20 @@ def zip_points(axes: dict[str, Sequence[Any]],
   return _points([dict(zip(axes, values)) for values in zip(*axes.values())], fixed)
 
 
-def check_points(points: Sequence[Point]) -> None:
+def check_points(points: Sequence[Point], extra_args: Sequence[str] = ()) -> None:
+  """Raises a UserError unless the points have distinct names and no `--config.KEY` in
+  `extra_args` (the overrides given to every point) sets a key that the sweep varies."""
   names = [p.name for p in points]
   repeated = sorted({n for n in names if names.count(n) > 1})
   if not points or repeated:
     raise UserError(f'a sweep needs points with distinct names; got {len(points)} points, '
                     f'repeated: {repeated}.')
+  swept = {k for p in points for k in p.swept}
+  for arg in extra_args:
+    key = arg.split('=', 1)[0].removeprefix('--config.')
+    if arg.startswith('--config.') and key in swept:
+      raise UserError(f'{arg} would override the swept key {key} in every point; drop it, or '
+                      f'change the values of {key} in the experiment\'s sweep().')
 
 
 def command(experiment: str, point: Point, root: str, extra_args: Sequence[str] = ()) -> list[str]:
@@ -97,13 +105,21 @@ def _finished(workdir: str) -> bool:
 
 
 def run_point(cmd: list[str], workdir: str) -> tuple[bool, str]:
-  """Runs one point's command, its output appended to workdir/log.txt: (ok, why not)."""
-  with open(os.path.join(workdir, 'log.txt'), 'a') as log:
+  """Runs one point's command, its output appended to workdir/log.txt: (ok, why not).
+
+  Why not is the last `error:` line (else the last line) of this run's output, not of earlier
+  attempts' output in the same log.
+  """
+  path = os.path.join(workdir, 'log.txt')
+  with open(path, 'ab') as log:
+    start = log.tell()
     rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
   if rc == 0:
     return True, ''
-  with open(os.path.join(workdir, 'log.txt')) as log:
-    lines = [line.strip() for line in log if line.strip()]
+  with open(path, 'rb') as log:
+    log.seek(start)
+    lines = [line.strip() for line in log.read().decode(errors='replace').splitlines()
+             if line.strip()]
   errors = [line for line in lines if line.startswith('error:')]
   return False, (errors or lines or [f'exit status {rc}'])[-1][:300]
 
@@ -112,7 +128,7 @@ def run(experiment: str, points: Sequence[Point], root: str, parallel: int = 1,
         extra_args: Sequence[str] = (),
         runner: Callable[[list[str], str], tuple[bool, str]] = run_point) -> list[dict]:
   """Runs the unfinished points (`parallel` at a time), then writes the report. Returns its rows."""
-  check_points(points)
+  check_points(points, extra_args)
 
   def one(point: Point) -> None:
     workdir = os.path.join(root, 'sweep', point.name)
@@ -240,7 +256,7 @@ def _plot_by_key(points: Sequence[Point], rows: Sequence[dict], root: str) -> No
 def dry_run(experiment: str, points: Sequence[Point], root: str,
             extra_args: Sequence[str] = ()) -> list[str]:
   """One shell command per point (for a cluster scheduler), printed and returned."""
-  check_points(points)
+  check_points(points, extra_args)
   lines = [shlex.join(command(experiment, p, root, extra_args)) for p in points]
   print('\n'.join(lines))
   return lines

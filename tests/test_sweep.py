@@ -36,6 +36,35 @@ def test_dry_run_prints_one_command_per_point(capsys, tmp_path):
   assert capsys.readouterr().out.splitlines() == lines
   assert '--config.model.ffn=swiglu' in lines[1] and lines[1].endswith('--config.train.steps=3')
   assert f'--workdir={tmp_path}/sweep/ffn=swiglu' in lines[1]
+  fixed = sweep.product({'model.ffn': ['relu', 'swiglu']}, fixed={'train.steps': 250})
+  lines = sweep.dry_run('pretrain_small', fixed, str(tmp_path), ['--config.train.steps=3'])
+  assert all(line.endswith('--config.train.steps=3') for line in lines)  # Last one wins.
+
+
+def test_an_override_of_a_swept_key_is_refused_before_anything_runs(tmp_path):
+  points = sweep.product({'model.ffn': ['relu']}) + sweep.product({'seed': [0, 1]})
+
+  def runner(cmd, workdir):
+    raise AssertionError('no point should run')
+
+  for override in ('--config.seed=7', '--config.model.ffn=gelu'):
+    with pytest.raises(UserError, match=f'{override} would override the swept key'):
+      sweep.dry_run('pretrain_small', points, str(tmp_path), [override])
+    with pytest.raises(UserError, match='drop it, or change'):
+      sweep.run('pretrain_small', points, str(tmp_path), extra_args=[override], runner=runner)
+  assert not os.listdir(tmp_path)
+
+
+def test_run_point_reports_this_attempts_error_not_an_earlier_ones(tmp_path):
+  def attempt(code):
+    return sweep.run_point([sys.executable, '-c', code], str(tmp_path))
+
+  assert attempt("print('error: bad flag'); raise SystemExit(2)") == (False, 'error: bad flag')
+  assert attempt("raise RuntimeError('out of memory')") == (False, 'RuntimeError: out of memory')
+  assert attempt('raise SystemExit(3)') == (False, 'exit status 3')
+  assert attempt('pass') == (True, '')
+  log = open(tmp_path / 'log.txt').read()
+  assert 'error: bad flag' in log and 'RuntimeError' in log  # Every attempt's output is kept.
 
 
 def fake_training(workdir: str, eval_losses: list[float], finished: bool = True) -> None:
