@@ -178,12 +178,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                or t.batch_size % config.ppo.minibatch_size):
     raise UserError(f'train.batch_size={t.batch_size} (rollouts per iteration) must be a multiple '
                     f'of ppo.minibatch_size={config.ppo.minibatch_size}.')
+  if config.stage == 'ppo' and t.grad_accum_steps != 1:
+    raise UserError(f"train.grad_accum_steps={t.grad_accum_steps} does not apply to stage='ppo' "
+                    '(it updates once per ppo.minibatch_size rollouts, ppo.epochs times a batch); '
+                    'set --config.train.grad_accum_steps=1 and size updates by ppo.minibatch_size.')
   if config.reward.policy_pairs and config.reward.path:
     raise UserError(f'reward.policy_pairs={config.reward.policy_pairs} needs the built-in pairs '
                     f'(their answers are checked), not reward.path={config.reward.path!r}; set '
                     'one of them.')
   if config.sft.overlong not in ('truncate', 'skip'):
     raise UserError(f"sft.overlong={config.sft.overlong!r} is not one of ('truncate', 'skip').")
+  check_held_out_fractions(config)
+
+
+def check_held_out_fractions(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError when a reward, DPO or PPO config holds out its JSONL SFT records and
+  preference pairs with different fractions. Both split by the same prompt hash (`split` in
+  research/data/sft.py), so the prompts between the two fractions would be trained on by one
+  stage (SFT, the reward model, DPO) and held out by another (the reward model's accuracy, DPO's
+  and PPO's exact match). The built-in task's splits use neither fraction."""
+  s, r = config.sft, config.reward
+  if (config.stage in ('reward', 'dpo', 'ppo') and s.path and r.path
+      and s.held_out_fraction != r.held_out_fraction):
+    raise UserError(f'sft.held_out_fraction={s.held_out_fraction} and reward.held_out_fraction='
+                    f'{r.held_out_fraction} differ, so prompts held out by one are trained on by '
+                    'another stage; set them equal.')
 
 
 # Sections that fix what a workdir holds (weights, tokenizer, token caches): a rerun in the same

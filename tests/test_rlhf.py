@@ -239,6 +239,26 @@ def test_preference_lines_are_checked(tmp_path):
                                                         'b')
 
 
+def test_multi_turn_pairs_weight_only_the_final_answer(tok, tmp_path):
+  """An assistant turn inside the shared prompt is context, not part of the completion (DPO's
+  log-probs, its NLL term and token count): only the final answer and its EOS are weighted."""
+  turns = [{'role': 'user', 'content': 'What is 1 plus 2?'},
+           {'role': 'assistant', 'content': '3'},
+           {'role': 'user', 'content': 'What is 1 plus 3?'}]
+  path = tmp_path / 'pairs.jsonl'
+  path.write_text(json.dumps({'chosen': turns + [{'role': 'assistant', 'content': '4'}],
+                              'rejected': turns + [{'role': 'assistant', 'content': '5'}]}) +
+                  '\n' + json.dumps({'prompt': 'What is 2 plus 2?', 'chosen': '4',
+                                     'rejected': '5'}) + '\n')
+  rows, _ = preferences.encode_pairs(tok, preferences.read_jsonl(str(path)), 48)
+  for i in range(2):  # The multi-turn pair, and a single-turn one alike.
+    for j, answer in enumerate(('4', '5')):
+      n = rows['length'][i, j]
+      expected = np.zeros(48, np.float32)
+      expected[n - len(tok.encode(answer)) - 1:n] = 1.0  # The answer's tokens and EOS.
+      np.testing.assert_array_equal(rows['completion'][i, j], expected)
+
+
 def test_built_in_pairs_are_right_against_wrong():
   problems = synthetic.problems('train', 200, 0)
   pairs = preferences.task_pairs(problems, 0)
@@ -297,6 +317,39 @@ def test_policy_pairs_are_the_wrong_replies_against_the_answer(monkeypatch):
   config.reward.path = 'pairs.jsonl'
   with pytest.raises(UserError, match='reward.policy_pairs=4 needs the built-in pairs'):
     config_lib.validate(config)
+
+
+def test_ppo_refuses_gradient_accumulation():
+  """PPO calls the optimizer once per minibatch: optax.MultiSteps would apply 1 in k updates."""
+  config = default_config()
+  config.stage = 'ppo'
+  config.train.grad_accum_steps = 2
+  with pytest.raises(UserError, match=r"grad_accum_steps=2 does not apply to stage='ppo'.*"
+                     r'set --config.train.grad_accum_steps=1'):
+    config_lib.validate(config)
+  for stage in ('sft', 'reward', 'dpo'):  # They accumulate in the shared loop.
+    config.stage = stage
+    config_lib.validate(config)
+
+
+def test_jsonl_sft_and_reward_data_must_hold_out_the_same_share():
+  """Both split by the same prompt hash: with other fractions, the prompts between them are
+  trained on by one stage and held out by another."""
+  config = default_config()
+  config.sft.update(path='sft.jsonl', held_out_fraction=0.05)
+  config.reward.update(path='pairs.jsonl', held_out_fraction=0.2)
+  for stage in ('reward', 'dpo', 'ppo'):
+    config.stage = stage
+    with pytest.raises(UserError, match=r'sft.held_out_fraction=0.05 and '
+                       r'reward.held_out_fraction=0.2 differ.*set them equal'):
+      config_lib.validate(config)
+  config.stage = 'sft'  # Reads no pairs.
+  config_lib.validate(config)
+  config.stage = 'dpo'
+  config.sft.path = ''  # The built-in task's split uses neither fraction.
+  config_lib.validate(config)
+  config.sft.update(path='sft.jsonl', held_out_fraction=0.2)
+  config_lib.validate(config)
 
 
 @pytest.mark.slow

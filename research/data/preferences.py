@@ -105,14 +105,18 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[Pair], seq_len: int
   """Rows of the chosen (index 0) and rejected (1) conversations, right-padded.
 
   Returns 'tokens' int32 [pairs, 2, seq_len], 'completion' float32 [pairs, 2, seq_len] (1 on the
-  answer tokens and their EOS) and 'length' int32 [pairs, 2]; and the pairs kept: those with a
-  token past seq_len are dropped (a truncated answer cannot be judged).
+  final answer's tokens and its EOS, not on assistant turns of a multi-turn prompt) and 'length'
+  int32 [pairs, 2]; and the pairs kept: those with a token past seq_len are dropped (a truncated
+  answer cannot be judged).
   """
   rows, kept = [], []
   for pair in pairs:
     sides = [sft_data.encode(tokenizer, sft_data.Record(
         pair.where, pair.prompt + [{'role': 'assistant', 'content': answer}]))
         for answer in (pair.chosen, pair.rejected)]
+    start = len(tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True))
+    for s in sides:
+      s.weights[:start] = 0.0
     if max(len(s.tokens) for s in sides) <= seq_len:
       rows.append(sides)
       kept.append(pair)
