@@ -23,6 +23,17 @@ def build(**kw):
   return model, params, tokens
 
 
+@pytest.mark.parametrize('tie', [True, False])
+def test_bfloat16_models_give_float32_logits_of_the_hidden_states(tie):
+  """Tied or not, the unembedding runs in float32 on the bfloat16 final hidden states."""
+  model, params, tokens = build(dtype='bfloat16', tie_embeddings=tie)
+  logits = model.apply({'params': params}, tokens)[0]
+  hidden = model.apply({'params': params}, tokens, features=True)[0]
+  w = params['embed']['embedding'].T if tie else params['unembed']['kernel']
+  want = np.asarray(hidden, np.float32) @ np.asarray(w, np.float32)
+  np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-5, atol=1e-6)
+
+
 # Every choice of every switch appears at least once.
 VARIANTS = [dict(pos_encoding=p, norm=n, norm_position=np_, ffn=f) for p, n, np_, f in [
     ('learned', 'layernorm', 'pre', 'relu'), ('sinusoidal', 'rmsnorm', 'post', 'gelu'),

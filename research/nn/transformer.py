@@ -148,13 +148,14 @@ def embedding(cfg: ModelConfig) -> tuple[nn.Embed, Callable[..., jnp.ndarray]]:
 
 def unembed(cfg: ModelConfig, embed: nn.Embed, x: jnp.ndarray) -> jnp.ndarray:
   """Hidden states [batch, seq, d_model] -> float32 logits [batch, seq, vocab], through the tied
-  embedding or (created in the calling compact module) a separate matrix 'unembed'."""
+  embedding or (created in the calling compact module) a separate matrix 'unembed'; computed in
+  float32 either way (in bfloat16, logits of magnitude 8-16 would be rounded to steps of 1/16)."""
   b, t, _ = x.shape
   x2d = x.reshape(b * t, cfg.d_model)
   if cfg.tie_embeddings:
     logits = embed.attend(x2d)
   else:
-    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype, name='unembed',
+    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32, name='unembed',
                       kernel_init=nn.initializers.normal(0.02))(x2d)
   return logits.reshape(b, t, cfg.vocab_size).astype(jnp.float32)
 
