@@ -64,6 +64,9 @@ def chat_main(workdir: str, sampling: ml_collections.ConfigDict, stdin: TextIO, 
   are dropped.
   """
   _, tok, model, params = pretrain.load_trained(workdir)
+  if model.cfg.family == 'encoder_decoder':
+    raise UserError(f'{workdir} holds an encoder-decoder model, which translates one source at a '
+                    'time and keeps no conversation; use --mode=generate --prompt=SOURCE.')
   budget = model.cfg.max_len - sampling.max_new_tokens
   key = jax.random.key(seed)
   messages = []

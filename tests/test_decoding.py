@@ -380,6 +380,14 @@ def test_chat_keeps_history_and_stops_at_exit(tok, lm, monkeypatch):
   assert prompts == [decoding.chat_prompt(tok, history[:1]), decoding.chat_prompt(tok, history)]
 
 
+def test_chat_refuses_an_encoder_decoder_run(tok, monkeypatch):
+  model = DecoderLM(ModelConfig(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, d_model=16,
+                                max_len=32, family='encoder_decoder'))
+  monkeypatch.setattr(pretrain, 'load_trained', lambda workdir: (None, tok, model, None))
+  with pytest.raises(UserError, match='encoder-decoder model.*--mode=generate'):
+    generate.chat_main('run', _sampling(), io.StringIO('hi\n'), io.StringIO())
+
+
 def test_generate_main(tok, lm, monkeypatch, tmp_path, capsys):
   with pytest.raises(UserError, match='holds no run'):
     generate.generate_main(str(tmp_path), 'the', _sampling())
