@@ -90,6 +90,10 @@ def run_sweep(workdir: str) -> None:
                                 if 'def sweep(' in (EXPERIMENTS / f'{n}.py').read_text()))
   points = module.sweep()
   overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]  # Apply to every point.
+  spaced = [a for a in overrides if '=' not in a]
+  if spaced:  # Its value is the next argument, which would not reach the points' commands.
+    raise UserError(f'write sweep overrides as {spaced[0]}=VALUE (with "="): each point\'s '
+                    'command gets the --config.* arguments as they are given.')
   if FLAGS.sweep_dry_run:
     sweep.dry_run(FLAGS.experiment, points, workdir, overrides)
   elif FLAGS.mode == 'sweep_report':
@@ -117,6 +121,10 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # would bury the progress lines (-v 0 brings them back).
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join('runs', FLAGS.experiment)
+  cluster = [f'--{n}' for n in ('coordinator_address', 'num_processes', 'process_id')
+             if FLAGS[n].present]
+  if cluster and not FLAGS.multihost:
+    fail(f'{", ".join(cluster)} only apply with --multihost; add --multihost or drop them.')
   if FLAGS.multihost:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)

@@ -59,6 +59,9 @@ def test_each_experiment_is_valid_and_generates_within_max_len(name):
     (['--experiment=pretrain_small', '--config.train.seq_len=4096'], ['seq_len', 'max_len']),
     (['--experiment=pretrain_small', '--config.data.path=/no/such/file.txt'], ['does not exist']),
     (['--experiment=pretrain_small', '--mode=fly'], ['mode']),
+    (['--experiment=pretrain_small', '--num_processes=2'], ['--num_processes', '--multihost']),
+    (['--experiment=pretrain_small', '--mode=sweep', '--sweep_dry_run', '--config.seed', '7'],
+     ['--config.seed=VALUE']),
 ])
 def test_bad_flags_and_configs(args, words, tmp_path):
   assert_one_line_error(launch(*args, workdir=str(tmp_path / 'w')), *words)
