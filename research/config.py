@@ -134,6 +134,7 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+SCHEDULES = ('cosine', 'linear', 'constant')  # train.schedule (research/train/optimizer.py).
 # The model family each stage trains; stages not listed train decoders.
 STAGE_FAMILIES = {'mlm': 'encoder', 'seq2seq': 'encoder_decoder'}
 
@@ -158,6 +159,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f'{t.grad_accum_steps}; each micro-batch has batch_size/grad_accum_steps rows.')
   if t.learning_rate <= 0:
     raise UserError(f'train.learning_rate={t.learning_rate} must be > 0.')
+  if t.warmup_steps < 0 or not 0 <= t.min_lr_ratio <= 1:
+    raise UserError(f'train.warmup_steps={t.warmup_steps} must be >= 0 and train.min_lr_ratio='
+                    f'{t.min_lr_ratio} in [0, 1].')
+  if t.schedule not in SCHEDULES:
+    raise UserError(f'train.schedule={t.schedule!r} is not one of {SCHEDULES}.')
   family = STAGE_FAMILIES.get(config.stage, 'decoder')
   if config.model.family != family:
     raise UserError(f'model.family={config.model.family!r} cannot train in stage='
@@ -189,6 +195,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.sft.overlong not in ('truncate', 'skip'):
     raise UserError(f"sft.overlong={config.sft.overlong!r} is not one of ('truncate', 'skip').")
   check_held_out_fractions(config)
+  for name, earlier in config.earlier.items():  # Checked now, not after the stages before it ran.
+    try:
+      validate(earlier)
+    except UserError as e:
+      raise UserError(f'earlier.{name}: {e}') from None
 
 
 def check_held_out_fractions(config: ml_collections.ConfigDict) -> None:

@@ -51,6 +51,24 @@ def test_each_experiment_is_valid_and_generates_within_max_len(name):
     assert 1 + config.sampling.max_new_tokens <= config.model.max_len
 
 
+@pytest.mark.parametrize('section, key, value, words', [
+    ('earlier.reward.train', 'warmup_steps', -5, 'earlier.reward: train.warmup_steps=-5'),
+    ('train', 'min_lr_ratio', 1.5, 'min_lr_ratio=1.5 in [0, 1]'),
+    ('earlier.sft.train', 'schedule', 'cosin', "earlier.sft: train.schedule='cosin' is not one"),
+])
+def test_validate_checks_schedules_and_the_earlier_stages_up_front(section, key, value, words):
+  """An experiment's earlier stages (ppo_small: SFT, then the reward model) are checked before
+  the first trains, so a bad setting of the last does not surface after the others ran."""
+  config = importlib.import_module('experiments.ppo_small').get_config()
+  config_lib.validate(config)
+  target = config
+  for part in section.split('.'):
+    target = target[part]
+  target[key] = value
+  with pytest.raises(UserError, match=re.escape(words)):
+    config_lib.validate(config)
+
+
 @pytest.mark.parametrize('args, words', [
     (['--experiment=pretrain_smal'], ['unknown experiment', 'pretrain_small']),
     (['--experiment=pretrain_small', '--config.train.stepz=3'], ['stepz', 'steps']),
