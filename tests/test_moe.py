@@ -156,13 +156,18 @@ def test_capacity_drops_the_later_tokens_and_keeps_their_residual(run_moe, param
   assert float(metrics['expert_frac_max']) == 0.5 and float(metrics['expert_frac_min']) == 0.0
 
 
-def test_padding_does_not_change_the_losses(run_moe, params):
+@pytest.mark.parametrize('capacity_factor', [0.0, 0.5])
+def test_padding_does_not_change_the_outputs_or_losses(run_moe, params, capacity_factor):
+  """Padding is never routed and does not count towards a row's capacity (with factor 0.5 some
+  tokens are dropped: the same ones with and without the padding)."""
+  cfg = dataclasses.replace(CFG, moe_capacity_factor=capacity_factor)
   x, mask = inputs()
   pad = 5 * inputs(4, seed=1)[0]  # Garbage in the padded slots.
   x_padded = jnp.concatenate([pad[:, :2], x, pad[:, 2:]], axis=1)
   mask_padded = jnp.concatenate([jnp.zeros((G, 2), bool), mask, jnp.zeros((G, 2), bool)], 1)
-  y, metrics = run_moe(params, x, mask)
-  y_padded, metrics_padded = run_moe(params, x_padded, mask_padded)
+  y, metrics = run_moe(params, x, mask, cfg=cfg)
+  y_padded, metrics_padded = run_moe(params, x_padded, mask_padded, cfg=cfg)
+  assert (float(metrics['dropped_frac']) > 0) == (capacity_factor > 0)
   for name, value in metrics.items():
     assert float(metrics_padded[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-7), name
   np.testing.assert_allclose(np.asarray(y_padded[:, 2:-2]), np.asarray(y), rtol=1e-5, atol=1e-6)
@@ -286,7 +291,7 @@ def test_gathers_equal_the_one_hot_einsums_of_gshard():
   logits = jnp.asarray(rng.normal(size=(G, S, E)), jnp.float32)
   gates, routed = moe.top_k_gates(logits, k)
   routed = routed * jnp.asarray(np.arange(S) < [[S], [S - 2]])[..., None]  # Row 1: 2 padding.
-  slot, kept = moe.assign_slots(routed, slots)
+  slot, kept = moe.assign_slots(routed, jnp.array([slots, slots - 1]))  # Row 1: fewer tokens.
   assert 0 < float(kept.sum()) < float(routed.sum())  # Some tokens are dropped.
   x = jnp.asarray(rng.normal(size=(G, S, D)), jnp.float32)
   y_experts = jnp.asarray(rng.normal(size=(E, G, slots, D)), jnp.float32)

@@ -16,6 +16,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from research.nn.config import ModelConfig
@@ -89,21 +90,31 @@ def balance_losses(logits_GxSxE: jnp.ndarray, gates_GxSxE: jnp.ndarray, routed_G
 
 def capacity(cfg: ModelConfig, group_size: int) -> int:
   """Slots per expert and group: capacity_factor * top_k * group_size / num_experts, rounded up;
-  group_size (nothing dropped) when capacity_factor <= 0. A group is a row, so a cached decode
-  step (one token per row) always finds a slot: generation never drops a token, while a
-  full-sequence pass (training, eval, PPO's log-probs) may, as in GShard and Switch."""
+  group_size (nothing dropped) when capacity_factor <= 0. A group is a row, and its size counts
+  its tokens, not its padding (`row_capacity`), so a cached decode step (one token per row)
+  always finds a slot: generation never drops a token, while a full-sequence pass (training,
+  eval, PPO's log-probs) may, as in GShard and Switch."""
   if cfg.moe_capacity_factor <= 0:
     return group_size
   slots = math.ceil(cfg.moe_capacity_factor * cfg.moe_top_k * group_size / cfg.num_experts)
   return min(group_size, slots)
 
 
-def assign_slots(routed_GxSxE: jnp.ndarray, num_slots: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+def row_capacity(cfg: ModelConfig, token_mask_GxS: jnp.ndarray) -> jnp.ndarray:
+  """int32 [G]: `capacity` of each row's tokens (padding excluded), so that a row's outputs do not
+  depend on how much padding it shares a batch with."""
+  table = np.array([capacity(cfg, n) for n in range(token_mask_GxS.shape[1] + 1)], np.int32)
+  return jnp.asarray(table)[token_mask_GxS.sum(axis=1)]
+
+
+def assign_slots(routed_GxSxE: jnp.ndarray, slots_G: jnp.ndarray) -> tuple[jnp.ndarray,
+                                                                           jnp.ndarray]:
   """(slot [G, S, E] int32, kept [G, S, E] float32): token s fills the next free slot of each of
   its experts in sequence order, so an overfull expert drops its later tokens (and a token's
-  routing never depends on later tokens). kept is 1 where a routed token got a slot < num_slots."""
+  routing never depends on later tokens). kept is 1 where a routed token got a slot below its
+  row's slots_G [G]."""
   slot_GxSxE = jnp.cumsum(routed_GxSxE, axis=1).astype(jnp.int32) - 1
-  return slot_GxSxE, routed_GxSxE * (slot_GxSxE < num_slots)
+  return slot_GxSxE, routed_GxSxE * (slot_GxSxE < slots_G[:, None, None])
 
 
 def dispatch(x_GxSxD: jnp.ndarray, slot_GxSxE: jnp.ndarray, kept_GxSxE: jnp.ndarray,
@@ -183,8 +194,8 @@ class MoE(nn.Module):
     logits_GxSxE, gates_GxSxE, routed_GxSxE, load_GxSxE = Router(cfg, name='router')(
         x_GxSxD, deterministic)
     routed_GxSxE *= token_mask_GxS[..., None]
-    num_slots = capacity(cfg, x_GxSxD.shape[1])
-    slot_GxSxE, kept_GxSxE = assign_slots(routed_GxSxE, num_slots)
+    num_slots = capacity(cfg, x_GxSxD.shape[1])  # The most any row gets.
+    slot_GxSxE, kept_GxSxE = assign_slots(routed_GxSxE, row_capacity(cfg, token_mask_GxS))
     experts = nn.vmap(FeedForward, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=0, out_axes=0, axis_size=cfg.num_experts)
     x_ExGxCxD = dispatch(x_GxSxD.astype(cfg.dtype), slot_GxSxE, kept_GxSxE, num_slots)
