@@ -93,10 +93,11 @@ def empty_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   kv_heads axis of size 1 ({'k_heads', 'v_heads'}): exactly the operands of XLA:CPU's batched
   matmuls, which drop unit axes, so that a decode step writes its slot in place and copies none
   of the cache (with any other layout XLA copies the cache once or more per layer and step).
-  Decoding at context 512, batch 16: GPT-2 small 1.9x, pretrain_small 2.0x faster than the
-  projections' layout; batch 1: pretrain_small 2.5-3x; MQA at batch 2: 6 cache-sized copies
-  per layer fewer. JAX's kernels keep the projections' layout {'k', 'v'} [batch, length, kv_heads,
-  head_dim].
+  Decoding at context 512 (bench/decode_speed.py), batch 16: GPT-2 small 1.9x, pretrain_small
+  2.0x faster than the projections' layout; batch 1 (kept in that layout before, for its unit
+  batch axis): pretrain_small 2.3x (1.7-2.1k -> 3.9-4.8k tokens/s), GPT-2 small the same (its
+  weight reads dominate); MQA at batch 2: 6 cache-sized copies per layer fewer. JAX's kernels
+  keep the projections' layout {'k', 'v'} [batch, length, kv_heads, head_dim].
   """
   kv = jnp.zeros((batch, length, cfg.kv_heads, cfg.head_dim), cfg.dtype)
   cache = {'k': kv, 'v': kv}
