@@ -19,6 +19,15 @@ def _row_mean(x_TxD: jnp.ndarray) -> jnp.ndarray:
   return x_TxD.mean(-1)
 
 
+def _column_sum(x_TxD: jnp.ndarray) -> jnp.ndarray:
+  """Sum over the tokens: [tokens, d] -> [d]. On CPU as the product 1^T x: XLA:CPU reduced the
+  [16 * 256, 384] scale/bias gradients of bench/train_throughput.py's (b) as strided windows in
+  ~1.3 ms each, the product takes ~0.07 ms (step (b) -1.5 to -1.8%)."""
+  if jax.default_backend() == 'cpu':
+    return jnp.ones((x_TxD.shape[0],), x_TxD.dtype) @ x_TxD
+  return x_TxD.sum(0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _normalize(x_TxD: jnp.ndarray, scale_D: jnp.ndarray, bias_D: Optional[jnp.ndarray],
                center: bool) -> jnp.ndarray:
@@ -49,8 +58,8 @@ def _normalize_bwd(center, res, dy_TxD):
   g_TxD = dxhat_TxD - xhat_TxD * _row_mean(dxhat_TxD * xhat_TxD)[:, None]
   if center:
     g_TxD = g_TxD - _row_mean(dxhat_TxD)[:, None]
-  dbias = None if bias_D is None else dy_TxD.sum(0)
-  return rstd_T[:, None] * g_TxD, (dy_TxD * xhat_TxD).sum(0), dbias
+  dbias = None if bias_D is None else _column_sum(dy_TxD)
+  return rstd_T[:, None] * g_TxD, _column_sum(dy_TxD * xhat_TxD), dbias
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
