@@ -40,11 +40,15 @@ def inputs(seq: int = S, seed: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def numpy_top_k_gates(logits: np.ndarray, k: int) -> np.ndarray:
+  """Softmax over the top k logits (Shazeer et al.); at k = 1 the softmax over all logits at the
+  argmax (Switch)."""
   top = np.argsort(-logits, axis=-1)[..., :k]
   top_logits = np.take_along_axis(logits, top, -1)
-  weights = np.exp(top_logits - top_logits.max(-1, keepdims=True))
+  pool = logits if k == 1 else top_logits
+  weights = np.exp(top_logits - pool.max(-1, keepdims=True))
   gates = np.zeros_like(logits)
-  np.put_along_axis(gates, top, weights / weights.sum(-1, keepdims=True), -1)
+  total = np.exp(pool - pool.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  np.put_along_axis(gates, top, weights / total, -1)
   return gates
 
 
@@ -84,7 +88,27 @@ def test_gates_are_a_softmax_over_the_top_k_logits(k):
   gates, routed = map(np.asarray, jax.jit(moe.top_k_gates, static_argnums=1)(logits, k))
   np.testing.assert_allclose(gates, numpy_top_k_gates(logits, k), rtol=1e-6, atol=1e-7)
   assert ((gates > 0).sum(-1) == k).all() and (routed.sum(-1) == k).all()
-  np.testing.assert_allclose(gates.sum(-1), 1.0, rtol=1e-6)
+  if k > 1:
+    np.testing.assert_allclose(gates.sum(-1), 1.0, rtol=1e-6)
+  else:  # Switch: the chosen expert's probability, below 1.
+    assert (gates.sum(-1) < 1).all() and (gates.sum(-1) >= 1 / E).all()
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_the_task_loss_reaches_the_router(k, params):
+  """d(sum of the MoE output * r)/d(router weights) != 0 with no balancing loss, at top-1 too
+  (a gate of Softmax(KeepTopK(., 1)) = 1 would give exactly 0)."""
+  cfg = dataclasses.replace(CFG, moe_top_k=k, moe_noisy=False, moe_load_weight=0.0)
+  x, mask = inputs()
+  r = jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32)
+
+  def task_loss(w_gate):
+    router = {**params['router'], 'w_gate': w_gate}
+    y = moe.MoE(cfg).apply({'params': {**params, 'router': router}}, x, mask,
+                           mutable=['intermediates'])[0]
+    return jnp.sum(y * r)
+  grad = jax.grad(task_loss)(params['router']['w_gate'])
+  assert float(jnp.abs(grad).max()) > 1e-3
 
 
 def test_output_equals_a_slow_loop_over_experts(run_moe, params):

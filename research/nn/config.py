@@ -37,7 +37,8 @@ class ModelConfig:
     bfloat16); 'auto' = einsum on CPU, else JAX's choice.
   moe_every: 0 = dense; n = every n-th block (blocks n-1, 2n-1, ...) replaces its FFN by
     num_experts FFNs of the same kind and width, moe_top_k of which run per token (noisy top-k
-    gating when moe_noisy, Shazeer et al. 2017). moe_capacity_factor: slots per expert =
+    gating when moe_noisy, Shazeer et al. 2017; at top-1 the gate is Switch's softmax
+    probability, Fedus et al. 2021). moe_capacity_factor: slots per expert =
     factor * top_k * seq / num_experts, later tokens of an overfull expert are dropped; <= 0 never
     drops. moe_*_weight: weights of the balancing losses added to the training loss (importance
     and load: Shazeer et al. 2017; switch: Fedus et al. 2021; router z-loss: Zoph et al. 2022).

@@ -32,12 +32,18 @@ def top_k_gates(logits_GxSxE: jnp.ndarray, k: int) -> tuple[jnp.ndarray, jnp.nda
   """Softmax(KeepTopK(logits, k)): (gates, routed), both float32 [G, S, E].
 
   gates are the softmax over each token's k largest logits and 0 elsewhere; routed is 1 on those
-  k experts and 0 elsewhere.
+  k experts and 0 elsewhere. At k = 1 that softmax would be 1 whatever the logits, and the task
+  loss would never reach the router: the gate is then the Switch Transformer's (Fedus et al.
+  2021), the softmax over all E logits at the chosen expert.
   """
-  top_GxSxK, expert_GxSxK = jax.lax.top_k(logits_GxSxE.astype(jnp.float32), k)
+  logits_GxSxE = logits_GxSxE.astype(jnp.float32)
+  top_GxSxK, expert_GxSxK = jax.lax.top_k(logits_GxSxE, k)
   onehot_GxSxKxE = jax.nn.one_hot(expert_GxSxK, logits_GxSxE.shape[-1], dtype=jnp.float32)
+  routed_GxSxE = onehot_GxSxKxE.sum(axis=2)
+  if k == 1:
+    return jax.nn.softmax(logits_GxSxE, axis=-1) * routed_GxSxE, routed_GxSxE
   gates_GxSxE = jnp.einsum('gsk,gske->gse', jax.nn.softmax(top_GxSxK, axis=-1), onehot_GxSxKxE)
-  return gates_GxSxE, onehot_GxSxKxE.sum(axis=2)
+  return gates_GxSxE, routed_GxSxE
 
 
 def load_probability(clean_GxSxE: jnp.ndarray, noisy_GxSxE: jnp.ndarray, noise_std_GxSxE:
@@ -149,7 +155,8 @@ class Router(nn.Module):
   """Noisy top-k gating (Shazeer et al. 2017), W_g and W_noise zero-initialised.
 
   H(x) = x W_g + StandardNormal() * (Softplus(x W_noise) + eps), the noise drawn from the 'dropout'
-  rng in training only (and never without cfg.moe_noisy); G(x) = Softmax(KeepTopK(H(x), k)).
+  rng in training only (and never without cfg.moe_noisy); G(x) = Softmax(KeepTopK(H(x), k))
+  (Switch's gate at k = 1: see `top_k_gates`).
   """
   cfg: ModelConfig
 
