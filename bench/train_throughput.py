@@ -11,8 +11,8 @@ float32 matmul, timed after every window of steps (the best of 3 runs), because 
 machine's speed drifts by 2x within a minute; MFU is the median over windows of (the window's
 FLOP/s / the matmul's FLOP/s next to it), with its p10-p90 spread; windows are timed for at
 least --steps steps and --min-seconds seconds (a fast workload gets more of them). Token ids are
-random (speed does not depend on them) but batches go through the real batching code, so the
-data-wait share is real.
+random (speed does not depend on them) but batches go through the real batching code, built
+ahead in a thread as the training loop builds them, so the data-wait share is real.
 """
 
 import argparse
@@ -31,6 +31,7 @@ import numpy as np
 
 from research import config as config_lib
 from research import perf
+from research.data.prefetch import Prefetcher
 from research.nn.transformer import DecoderLM
 from research.train import loop, pretrain
 from research.train.optimizer import make_optimizer
@@ -88,17 +89,18 @@ def bench(config, vocab: int, steps: int, warmup: int, window: int,
   jax.block_until_ready(state)
   times, peaks, data_sec = [], [], 0.0
   start, began = warmup, time.perf_counter()
-  while start < warmup + steps or time.perf_counter() - began < min_seconds:
-    t0 = time.perf_counter()
-    for i in range(start, start + window):
-      t1 = time.perf_counter()
-      batch = task.train_batch(i, 0, slice(None))
-      data_sec += time.perf_counter() - t1
-      state, out = step_fn(state, batch, np.int32(i), ONE)
-    jax.block_until_ready((state, out))
-    times.append((time.perf_counter() - t0) / window)
-    peaks.append(max(probe() for _ in range(3)))  # The first run is slow after a long step.
-    start += window
+  with Prefetcher(lambda i: task.train_batch(i, 0, slice(None))) as batches:  # As loop.run.
+    while start < warmup + steps or time.perf_counter() - began < min_seconds:
+      t0 = time.perf_counter()
+      for i in range(start, start + window):
+        t1 = time.perf_counter()
+        batch = batches.get((i,), (i + 1,))
+        data_sec += time.perf_counter() - t1
+        state, out = step_fn(state, batch, np.int32(i), ONE)
+      jax.block_until_ready((state, out))
+      times.append((time.perf_counter() - t0) / window)
+      peaks.append(max(probe() for _ in range(3)))  # The first run is slow after a long step.
+      start += window
   times, peaks = np.array(times), np.array(peaks)
   mfu = flops_per_step / times / peaks
   return dict(params=perf.param_count(state.params), steps=len(times) * window,
@@ -145,7 +147,8 @@ def main() -> None:
           f'{r["ms_p10"]:>6.1f}-{r["ms_p90"]:<6.1f} {r["tokens_per_sec"]:>10,.0f} '
           f'{r["peak"] / 1e9:>9.1f} {r["mfu"]:>6.1%} {r["mfu_p10"]:>5.1%}-{r["mfu_p90"]:<5.1%} '
           f'{r["compile_sec"]:>9.1f} {r["data_frac"]:>6.2%}')
-  print(f'peak memory (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB')
+  rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(f'peak memory (max RSS): {rss_mb:.0f} MB')
 
 
 if __name__ == '__main__':

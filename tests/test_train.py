@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -21,6 +22,7 @@ from research import config as config_lib
 from research.checkpoint import Checkpointer
 from research.config import default_config
 from research.data import lm, sources
+from research.data.prefetch import Prefetcher
 from research.errors import UserError
 from research.metrics import read_jsonl
 from research.train import loop, pretrain
@@ -400,3 +402,23 @@ def test_tuned_cpu_runtime_reuses_the_memory_of_earlier_calls():
             for mode in ('default', 'tuned')}
   assert faults['default'] > 20_000, faults
   assert faults['tuned'] < 1_000, faults
+
+
+def test_prefetcher_builds_each_batch_once_the_next_in_its_thread():
+  built = []
+
+  def make(step, micro):
+    built.append(((step, micro), threading.current_thread().name.startswith('prefetch')))
+    if step == 9:
+      raise ValueError('bad batch 9')
+    return step * 10 + micro
+
+  with Prefetcher(make, ready=((0, 0), 'first')) as batches:
+    assert batches.get((0, 0), (0, 1)) == 'first'  # Given ready: not built again.
+    assert batches.get((0, 1), (1, 0)) == 1
+    assert batches.get((1, 0), (2, 0)) == 10
+    assert batches.get((5, 0), (9, 0)) == 50  # Not the one started: built here, after it.
+    with pytest.raises(ValueError, match='bad batch 9'):
+      batches.get((9, 0), None)
+  assert built == [((0, 1), True), ((1, 0), True), ((2, 0), True), ((5, 0), False),
+                   ((9, 0), True)]

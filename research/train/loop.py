@@ -20,6 +20,7 @@ from research import metrics as metrics_lib
 from research import parallel
 from research import perf
 from research.checkpoint import Checkpointer
+from research.data.prefetch import Prefetcher
 from research.errors import UserError
 from research.train import optimizer
 from research.train.optimizer import make_optimizer, make_schedule
@@ -285,6 +286,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
       weights = np.asarray(multihost_utils.process_allgather(weights)).sum(axis=0)
     return host, micro_scales(weights)
 
+  def following(step: int, micro: int) -> tuple[int, int] | None:
+    """The micro-batch after (step, micro); None after the last."""
+    if micro + 1 < accum:
+      return step, micro + 1
+    return (step + 1, 0) if step + 1 < cfg.steps else None
+
+  batches = Prefetcher(get_batch, ready=((start, 0), first))
   stop = False
   try:
     with Preempted() as preempted:
@@ -297,7 +305,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
           if host:
             batch = parallel.to_global(host[micro], batch_sharding)
           else:
-            batch = first if (step, micro) == (start, 0) else get_batch(step, micro)
+            batch = batches.get((step, micro), following(step, micro))
           data_sec += time.perf_counter() - t_data
           state, out = train_step(state, batch, np.int32(step * accum + micro), scales[micro])
           if pending is not None:
@@ -348,6 +356,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
                 flush=True)
           break
   finally:  # Even on an error, finish the saves in flight: they hold finite weights.
+    batches.close()
     ckpt.close()
     writer.close()
   if is_main:
