@@ -4,7 +4,7 @@ On CPU a train step runs on the calling thread (perf.tune_cpu_runtime turns asyn
 so batching between steps adds to every step; on accelerators it overlaps the device's work too.
 Building a batch right after a step is also slow: bench/train_throughput.py's (a) took ~340 us
 for what takes 17 us alone (the step has evicted the interpreter's caches). Built in a thread
-during the step: data wait 1.8% -> 0.2% of (a)'s step, the step 1.5% faster.
+during the step: data wait 1.8% -> 0.2-0.5% of (a)'s step, the step 1.5% faster.
 """
 
 import concurrent.futures
