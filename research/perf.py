@@ -23,7 +23,14 @@ KNOWN_PEAKS = (
 def compiler_options() -> Optional[dict[str, str]]:
   """XLA options for the train step on this backend. On CPU, the YNNPACK library fusions are
   turned off: with them, the batched matmuls of attention ran at ~60 GFLOP/s instead of ~100,
-  and the 10.7M-parameter step of bench/train_throughput.py took 8% longer (jaxlib 0.10.2)."""
+  and the 10.7M-parameter step of bench/train_throughput.py took 8% longer (jaxlib 0.10.2).
+
+  oneDNN stays off too (measured on a 2-core AMD EPYC, 2026-12-04): with `xla_cpu_use_onednn` and
+  `xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT` every dot goes to
+  oneDNN, which runs attention's batched matmuls on both cores (1.6x Eigen's single thread; the
+  attention of workload (a) alone 31% faster) but the small dense ones slower: step (a) +8%, (b)
+  the same. With fusion type `LIBRARY_FUSION_TYPE_DOT` the process dies of SIGILL at the first
+  step (a oneDNN graph partition fails to compile inside XLA)."""
   if jax.default_backend() == 'cpu':
     return {'xla_cpu_experimental_ynn_fusion_type': ''}
   return None
