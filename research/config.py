@@ -13,7 +13,7 @@ import ml_collections
 from research import tokenizers
 from research.data import synthetic
 from research.errors import UserError
-from research.nn.config import ModelConfig
+from research.nn.config import NOT_CONFIG_KEYS, ModelConfig
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -27,13 +27,17 @@ def default_config() -> ml_collections.ConfigDict:
       text_field='text',  # JSONL field holding the text.
   ))
   c.tokenizer = tokenizers.default_config()
-  fields = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != 'vocab_size'}
+  fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+            if f.name not in NOT_CONFIG_KEYS}
   c.model = ml_collections.ConfigDict(fields)
   c.train = ml_collections.ConfigDict(dict(
       steps=1000,
       batch_size=32,  # Sequences per optimiser step (over all devices and micro-batches).
       seq_len=128,
       grad_accum_steps=1,
+      # > 0: the LM loss computes the float32 logits this many positions at a time (a divisor of
+      # seq_len), so those of the whole batch never exist at once (large vocabularies).
+      loss_chunk=0,
       learning_rate=1e-3,
       warmup_steps=100,
       schedule='cosine',  # cosine | linear | constant (after linear warmup)
@@ -154,6 +158,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
               'eval_batches', 'checkpoint_every', 'keep_checkpoints'):
     if t[key] < 1:
       raise UserError(f'train.{key}={t[key]} must be >= 1.')
+  if t.loss_chunk < 0 or (t.loss_chunk and t.seq_len % t.loss_chunk):
+    raise UserError(f'train.loss_chunk={t.loss_chunk} must be 0 (off) or divide train.seq_len='
+                    f'{t.seq_len}.')
   if t.batch_size % t.grad_accum_steps:
     raise UserError(f'train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps='
                     f'{t.grad_accum_steps}; each micro-batch has batch_size/grad_accum_steps rows.')
@@ -222,7 +229,7 @@ def check_held_out_fractions(config: ml_collections.ConfigDict) -> None:
 FIXED_SECTIONS = ('model', 'tokenizer', 'data')
 # Keys of those sections that say how to compute, not what: free to change (and absent from
 # workdirs made before they existed).
-FREE_KEYS = (('model', 'attention'),)
+FREE_KEYS = (('model', 'attention'), ('model', 'remat'))
 # Mesh axes that shard parameters (research/parallel.py).
 PARAM_AXES = ('fsdp', 'tensor', 'expert')
 

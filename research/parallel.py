@@ -2,12 +2,16 @@
 
 One mesh with axes (data, fsdp, tensor, expert). Parameters are sharded by regex rules over their
 path in the train-state pytree (so Adam's moments follow their parameters), batches over
-data x fsdp. The same code runs on 1 CPU, 8 GPUs or a TPU pod slice: only `mesh.*` changes.
+data x fsdp, and activations by the logical axis names the model gives them
+(nn/partitioning.py) through ACTIVATION_RULES. The same code runs on 1 CPU, 8 GPUs or a TPU pod
+slice: only `mesh.*` changes.
 """
 
+import contextlib
 import re
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -31,6 +35,33 @@ RULES = (
     (r'pos_embed/embedding$', P(None, 'fsdp')),  # [max_len, d_model]
     (r'unembed/kernel$', P('fsdp', 'tensor')),  # [d_model, vocab]
 )
+# Scanned layers (model.scan_layers) stack a block's parameters on a leading layer axis, which
+# stays whole: the rules above then apply to the other axes.
+SCANNED = re.compile(r'(^|/)blocks/')
+
+# Logical axes of activations (the names the model gives them, nn/partitioning.py) -> mesh axes.
+# The residual stream ('embed') is replicated over 'tensor' and gathered per layer from 'fsdp'.
+ACTIVATION_RULES = (
+    ('batch', BATCH_AXES),
+    ('length', None),
+    ('embed', None),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('experts', 'expert'),
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+  """Within it, functions traced for `mesh` pin their activations by ACTIVATION_RULES (a no-op
+  on one device)."""
+  if mesh.size == 1:
+    yield
+    return
+  with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+    yield
 
 
 def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
@@ -59,6 +90,8 @@ def path_str(path) -> str:
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
   """The PartitionSpec of one array: the first matching rule, minus axes that do not divide."""
   for pattern, spec in RULES:
+    if re.search(pattern, path) and len(shape) == len(spec) + 1 and SCANNED.search(path):
+      spec = P(None, *spec)
     if re.search(pattern, path) and len(spec) == len(shape):
       dims = []
       for size, axis in zip(shape, spec):

@@ -13,8 +13,12 @@ CHOICES = {
     'norm_position': ('pre', 'post'),
     'ffn': ('relu', 'gelu', 'swiglu'),
     'dtype': ('float32', 'bfloat16'),
-    'attention': ('auto', 'einsum', 'xla', 'cudnn'),
+    'param_dtype': ('float32', 'bfloat16'),
+    'attention': ('auto', 'einsum', 'xla', 'cudnn', 'splash'),
+    'remat': ('none', 'full', 'dots'),
 }
+# ModelConfig fields that are not `model.*` config keys: set by code, never saved.
+NOT_CONFIG_KEYS = ('vocab_size', 'backend')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +35,21 @@ class ModelConfig:
     (GPT-2) or 'post' (the original Transformer).
   ffn: 'relu' (original), 'gelu' (GPT/BERT, tanh approximation) or 'swiglu' (Shazeer 2020);
     hidden width = ffn_multiplier * d_model.
-  dtype: compute dtype; parameters, softmax and loss stay float32.
-  attention: the attention kernel (nn/attention.py `dot_product_attention`): 'einsum' (ours, the
-    fastest on CPU), 'xla' or 'cudnn' (jax.nn.dot_product_attention; cudnn needs a GPU and
-    bfloat16); 'auto' = einsum on CPU, else JAX's choice.
+  dtype: compute dtype; softmax and loss stay float32. param_dtype: the parameters' dtype (and so
+    the optimiser's: float32 master weights with bfloat16 compute is the usual choice).
+  attention: the attention kernel (nn/attention.py `dot_product_attention`, chosen once in
+    nn/kernels): 'einsum' (ours, the fastest on CPU), 'xla' or 'cudnn'
+    (jax.nn.dot_product_attention; cudnn needs a GPU and bfloat16), 'splash' (TPU Pallas flash
+    attention); 'auto' = einsum on CPU, splash on TPU (sequences a multiple of 128), else JAX's.
+  remat: what the backward pass keeps of each block's forward (jax.checkpoint): 'none'
+    (everything), 'full' (only the block's input; the rest is recomputed), 'dots' (the outputs of
+    the projections, i.e. matmuls without batch dimensions; attention and activations are
+    recomputed).
+  scan_layers: the blocks as one `nn.scan` over layers (parameters stacked [num_layers, ...] under
+    'blocks'): compile time independent of depth. `to_layout` converts parameters between the two
+    layouts. Needs the same block at every layer (moe_every 0 or 1).
+  backend: the platform the model is compiled for ('' = jax.default_backend()); it picks the
+    kernels (nn/kernels) and is set by code, e.g. when compiling for a TPU on a CPU host.
   moe_every: 0 = dense; n = every n-th block (blocks n-1, 2n-1, ...) replaces its FFN by
     num_experts FFNs of the same kind and width, moe_top_k of which run per token (noisy top-k
     gating when moe_noisy, Shazeer et al. 2017; at top-1 the gate is Switch's softmax
@@ -59,7 +74,10 @@ class ModelConfig:
   ffn: str = 'gelu'
   tie_embeddings: bool = True
   dtype: str = 'float32'
+  param_dtype: str = 'float32'
   attention: str = 'auto'
+  remat: str = 'none'
+  scan_layers: bool = False
   moe_every: int = 0
   num_experts: int = 8
   moe_top_k: int = 2
@@ -69,6 +87,7 @@ class ModelConfig:
   moe_load_weight: float = 0.1
   moe_switch_weight: float = 0.0
   moe_z_weight: float = 0.0
+  backend: str = ''
 
   def __post_init__(self):
     for key, allowed in CHOICES.items():
@@ -86,9 +105,16 @@ class ModelConfig:
                       f'{self.num_heads} (0 means num_heads).')
     if self.pos_encoding == 'rope' and self.head_dim % 2:
       raise UserError(f'RoPE needs an even head dimension, got d_model/num_heads={self.head_dim}.')
-    if self.attention == 'cudnn' and (self.dtype != 'bfloat16' or jax.default_backend() != 'gpu'):
+    if self.attention == 'cudnn' and (self.dtype != 'bfloat16' or self.platform != 'gpu'):
       raise UserError(f"model.attention='cudnn' needs a GPU and model.dtype='bfloat16' (here: "
-                      f"{jax.default_backend()}, {self.dtype}); use 'auto' or 'xla' otherwise.")
+                      f"{self.platform}, {self.dtype}); use 'auto' or 'xla' otherwise.")
+    if self.attention == 'splash' and self.platform != 'tpu':
+      raise UserError(f"model.attention='splash' is a TPU kernel (here: {self.platform}); use "
+                      "'auto' or 'xla' otherwise.")
+    if self.scan_layers and self.moe_every > 1:
+      raise UserError(f'model.scan_layers=True needs the same block at every layer, but '
+                      f'model.moe_every={self.moe_every} mixes dense and MoE blocks; set moe_every '
+                      'to 0 or 1, or scan_layers=False.')
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f'model.dropout={self.dropout} must be in [0, 1).')
     self._check_moe()
@@ -107,6 +133,11 @@ class ModelConfig:
       raise UserError(f'model.moe_load_weight={self.moe_load_weight} needs model.moe_noisy=True '
                       '(the load loss is defined through the gate noise); set moe_load_weight=0 '
                       'or moe_noisy=True.')
+
+  @property
+  def platform(self) -> str:
+    """The platform the kernels are chosen for: `backend`, else JAX's default backend."""
+    return self.backend or jax.default_backend()
 
   @property
   def head_dim(self) -> int:

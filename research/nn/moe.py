@@ -21,6 +21,7 @@ from flax import traverse_util
 
 from research.nn.config import ModelConfig
 from research.nn.ffn import FeedForward
+from research.nn.partitioning import constrain
 
 NOISE_EPSILON = 1e-2  # Floor of the gate noise's standard deviation (Shazeer et al. 2017).
 # Each balancing loss and the ModelConfig field that weighs it in the training loss.
@@ -205,8 +206,11 @@ class MoE(nn.Module):
     slot_GxSxE, kept_GxSxE = assign_slots(routed_GxSxE, row_capacity(cfg, token_mask_GxS))
     experts = nn.vmap(FeedForward, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=0, out_axes=0, axis_size=cfg.num_experts)
-    x_ExGxCxD = dispatch(x_GxSxD.astype(cfg.dtype), slot_GxSxE, kept_GxSxE, num_slots)
-    y_ExGxCxD = experts(cfg, self.out_scale, name='experts')(x_ExGxCxD)
+    dispatched = ('experts', 'batch', None, 'embed')
+    x_ExGxCxD = constrain(dispatch(x_GxSxD.astype(cfg.dtype), slot_GxSxE, kept_GxSxE, num_slots),
+                          dispatched)
+    y_ExGxCxD = constrain(experts(cfg, self.out_scale, pin=False, name='experts')(x_ExGxCxD),
+                          dispatched)
     y_GxSxD = combine(y_ExGxCxD, gates_GxSxE, routed_GxSxE, slot_GxSxE, kept_GxSxE,
                       cfg.moe_top_k)
 
@@ -233,6 +237,7 @@ def collect_losses(intermediates: dict) -> tuple[jnp.ndarray, dict[str, jnp.ndar
   for path, (layer_metrics,) in traverse_util.flatten_dict(intermediates).items():
     if path[-1] != 'moe_metrics':
       continue
-    aux_loss += layer_metrics['aux_loss']
-    metrics.update({'/'.join(path[:-1] + (name,)): value for name, value in layer_metrics.items()})
+    aux_loss += layer_metrics['aux_loss'].sum()  # Scanned layers sow [num_layers] values.
+    metrics.update({'/'.join(path[:-1] + (name,)): value.mean()
+                    for name, value in layer_metrics.items()})
   return aux_loss, metrics

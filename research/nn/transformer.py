@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.nn import attention
+from research.nn import kernels
 from research.nn.attention import Attention, attention_mask, dense, empty_cache
 from research.nn.config import ModelConfig
 from research.nn.ffn import FeedForward
 from research.nn.moe import MoE
 from research.nn.norm import Norm
+from research.nn.partitioning import constrain
 from research.nn.position import sinusoidal_table
 
 # {'index': [], 'pos'/'seg': [batch, len], 'layers': {block_i: the self-attention's keys/values
@@ -26,35 +28,42 @@ Cache = dict[str, Any]
 
 def make_norm(cfg: ModelConfig, name: str) -> Norm:
   """LayerNorm or RMSNorm (cfg.norm), as a child `name` of the calling compact module."""
-  return Norm(center=cfg.norm == 'layernorm', dtype=cfg.dtype, name=name)
+  return Norm(center=cfg.norm == 'layernorm', dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+              cpu_kernel=kernels.cpu_norm(cfg), name=name)
+
+
+RESIDUAL = ('batch', 'length', 'embed')  # Logical axes of the residual stream.
 
 
 class Block(nn.Module):
   """Self-attention, cross-attention (when given a source), then feed-forward (a mixture of experts
   if `moe`), each wrapped in a residual; norms pre or post. `causal`: the self-attention mask
-  hides every later key (see attention.dot_product_attention)."""
+  hides every later key (see attention.dot_product_attention). `deterministic`: no dropout or
+  router noise."""
   cfg: ModelConfig
   moe: bool = False
   causal: bool = False
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray,
-               cache: Optional[dict] = None, cache_index: Optional[jnp.ndarray] = None,
-               deterministic: bool = True, token_mask: Optional[jnp.ndarray] = None,
-               source: Optional[jnp.ndarray] = None, source_mask: Optional[jnp.ndarray] = None
-               ) -> tuple[jnp.ndarray, Optional[dict]]:
-    """x: [batch, seq, d_model]; mask: [batch, 1, seq, keys]; token_mask: [batch, seq], 0 for
-    padding (the MoE routes only the others; default all 1). source_mask [batch, 1, seq, src_len]
+               segment_ids: jnp.ndarray, cache: Optional[dict] = None,
+               cache_index: Optional[jnp.ndarray] = None, source: Optional[jnp.ndarray] = None,
+               source_mask: Optional[jnp.ndarray] = None) -> tuple[jnp.ndarray, Optional[dict]]:
+    """x: [batch, seq, d_model]; mask: [batch, 1, seq, keys]; positions, segment_ids: [batch, seq]
+    (segment 0 is padding, which the MoE does not route). source_mask [batch, 1, seq, src_len]
     adds cross-attention to source [batch, src_len, d_model] (an encoder's output); with a cache,
     the source's keys/values are kept in it (cache['cross']), so later calls pass no source.
     Returns (x, this layer's new cache)."""
     cfg = self.cfg
     out_scale = 1.0 / np.sqrt(2 * cfg.num_layers)  # GPT-2: residual branches start small.
-    drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
+    drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     pre = cfg.norm_position == 'pre'
+    x = constrain(x, RESIDUAL)
     h = make_norm(cfg, 'ln_attn')(x) if pre else x
     h, new_cache = Attention(cfg, out_scale, name='attn')(
-        h, mask, positions, cache=cache, cache_index=cache_index, causal=self.causal)
+        h, mask, positions, cache=cache, cache_index=cache_index, causal=self.causal,
+        segment_ids=segment_ids)
     x = x + drop(h)
     if not pre:
       x = make_norm(cfg, 'ln_attn')(x)
@@ -70,22 +79,76 @@ class Block(nn.Module):
         x = make_norm(cfg, 'ln_cross')(x)
     h = make_norm(cfg, 'ln_ffn')(x) if pre else x
     if self.moe:
-      token_mask = jnp.ones(x.shape[:2], bool) if token_mask is None else token_mask
-      h = MoE(cfg, out_scale, name='moe')(h, token_mask, deterministic)
+      h = MoE(cfg, out_scale, name='moe')(h, segment_ids > 0, self.deterministic)
     else:
       h = FeedForward(cfg, out_scale, name='ffn')(h)
     x = x + drop(h)
     if not pre:
       x = make_norm(cfg, 'ln_ffn')(x)
-    return x, new_cache
+    return constrain(x, RESIDUAL), new_cache
+
+
+REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+SCANNED = 'blocks'  # The name of the scanned blocks (parameters [num_layers, ...]).
+
+
+def blocks(cfg: ModelConfig, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray,
+           segment_ids: jnp.ndarray, caches: Optional[dict] = None,
+           cache_index: Optional[jnp.ndarray] = None, source: Optional[jnp.ndarray] = None,
+           source_mask: Optional[jnp.ndarray] = None, causal: bool = False,
+           deterministic: bool = True) -> tuple[jnp.ndarray, Optional[dict]]:
+  """cfg.num_layers `Block`s over x [batch, seq, d_model], created in the calling compact module:
+  'block_0', 'block_1', ... or, with cfg.scan_layers, one scanned 'blocks'; each in
+  jax.checkpoint under cfg.remat. caches: the layers' caches ({'block_i': ...}, or stacked on a
+  leading layer axis when scanned). Returns (x, the new caches or None)."""
+  cls = Block
+  if cfg.remat != 'none':
+    cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  args = (mask, positions, segment_ids, caches, cache_index, source, source_mask)
+  if cfg.scan_layers:
+    stack = nn.scan(cls, variable_axes={'params': 0, 'intermediates': 0},
+                    split_rngs={'params': True, 'dropout': True}, length=cfg.num_layers,
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast,
+                             nn.broadcast, nn.broadcast))
+    return stack(cfg, cfg.moe_every == 1, causal, deterministic, name=SCANNED)(x, *args)
+  new_caches = {}
+  for i in range(cfg.num_layers):
+    name = f'block_{i}'
+    x, new_caches[name] = cls(cfg, cfg.is_moe_layer(i), causal, deterministic, name=name)(
+        x, mask, positions, segment_ids, None if caches is None else caches[name],
+        *args[4:])
+  return x, None if caches is None else new_caches
+
+
+def to_layout(params: Any, scan_layers: bool) -> Any:
+  """`params` (of any model here, nested anywhere) with their blocks in the given layout:
+  stacked under 'blocks' (scan_layers) or one 'block_i' per layer."""
+  if not isinstance(params, dict):
+    return params
+  params = {k: to_layout(v, scan_layers) for k, v in params.items()}
+  layers = sorted((k for k in params if k.startswith('block_')), key=lambda k: int(k[6:]))
+  if scan_layers and layers:
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params.pop(k) for k in layers))
+    params[SCANNED] = stacked
+  elif not scan_layers and SCANNED in params:
+    stacked = params.pop(SCANNED)
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    params.update({f'block_{i}': jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)})
+  return params
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
-  """An empty KV cache of `length` slots (all segment 0 = empty)."""
+  """An empty KV cache of `length` slots (all segment 0 = empty); with cfg.scan_layers the
+  layers' caches are stacked on a leading layer axis."""
+  layer = empty_cache(cfg, batch, length)
+  if cfg.scan_layers:
+    layers = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers, *x.shape)), layer)
+  else:
+    layers = {f'block_{i}': layer for i in range(cfg.num_layers)}
   return {'index': jnp.zeros((), jnp.int32),
           'pos': jnp.zeros((batch, length), jnp.int32),
           'seg': jnp.zeros((batch, length), jnp.int32),
-          'layers': {f'block_{i}': empty_cache(cfg, batch, length) for i in range(cfg.num_layers)}}
+          'layers': layers}
 
 
 def take_cache_rows(cfg: ModelConfig, cache: Cache, rows: jnp.ndarray,
@@ -126,9 +189,10 @@ def embedding(cfg: ModelConfig) -> tuple[nn.Embed, Callable[..., jnp.ndarray]]:
   learned positions). Returns (embed, fn): fn(tokens, positions), both int [batch, seq], gives
   token + position embeddings [batch, seq, d_model]."""
   embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(0.02),
-                   name='embed')
+                   dtype=jnp.float32, param_dtype=cfg.param_dtype, name='embed')
   pos_embed = (nn.Embed(cfg.max_len, cfg.d_model, embedding_init=nn.initializers.normal(0.01),
-                        name='pos_embed') if cfg.pos_encoding == 'learned' else None)
+                        param_dtype=cfg.param_dtype, name='pos_embed')
+               if cfg.pos_encoding == 'learned' else None)
 
   def embed_fn(tokens: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
     x = embed(tokens).astype(cfg.dtype)
@@ -141,7 +205,7 @@ def embedding(cfg: ModelConfig) -> tuple[nn.Embed, Callable[..., jnp.ndarray]]:
       # the embeddings by sqrt(d_model).
       x = x * cfg.d_model**0.5 + jnp.asarray(
           sinusoidal_table(cfg.max_len, cfg.d_model))[clipped].astype(cfg.dtype)
-    return x
+    return constrain(x, RESIDUAL)
 
   return embed, embed_fn
 
@@ -156,8 +220,17 @@ def unembed(cfg: ModelConfig, embed: nn.Embed, x: jnp.ndarray) -> jnp.ndarray:
     logits = embed.attend(x2d)
   else:
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32, name='unembed',
-                      kernel_init=nn.initializers.normal(0.02))(x2d)
-  return logits.reshape(b, t, cfg.vocab_size).astype(jnp.float32)
+                      param_dtype=cfg.param_dtype, kernel_init=nn.initializers.normal(0.02))(x2d)
+  return constrain(logits.reshape(b, t, cfg.vocab_size).astype(jnp.float32),
+                   ('batch', 'length', 'vocab'))
+
+
+def unembedding(cfg: ModelConfig, params: Any) -> jnp.ndarray:
+  """The [d_model, vocab] matrix of `unembed` in a decoder's `params`: the tied embedding's
+  transpose or the separate 'unembed' kernel."""
+  if cfg.tie_embeddings:
+    return params['embed']['embedding'].T
+  return params['unembed']['kernel']
 
 
 class Encoder(nn.Module):
@@ -172,9 +245,7 @@ class Encoder(nn.Module):
     segment_ids: [batch, seq]; a token sees every token of its own segment (0 = padding)."""
     cfg = self.cfg
     mask = attention_mask(positions, segment_ids, positions, segment_ids, causal=False)
-    for i in range(cfg.num_layers):
-      x, _ = Block(cfg, cfg.is_moe_layer(i), name=f'block_{i}')(
-          x, mask, positions, deterministic=deterministic, token_mask=segment_ids > 0)
+    x, _ = blocks(cfg, x, mask, positions, segment_ids, deterministic=deterministic)
     if cfg.norm_position == 'pre':
       x = make_norm(cfg, 'ln_final')(x)
     return x
@@ -262,13 +333,9 @@ class DecoderLM(nn.Module):
     if memory_seg is not None:
       cross_mask = attention_mask(positions, segment_ids, None, memory_seg, causal=False)
 
-    new_layers = {}
-    for i in range(cfg.num_layers):
-      name = f'block_{i}'
-      layer_cache = None if cache is None else cache['layers'][name]
-      x, new_layers[name] = Block(cfg, cfg.is_moe_layer(i), causal=cache is None, name=name)(
-          x, mask, positions, layer_cache, index, deterministic, segment_ids > 0,
-          source=memory, source_mask=cross_mask)
+    x, new_layers = blocks(cfg, x, mask, positions, segment_ids,
+                           None if cache is None else cache['layers'], index, memory, cross_mask,
+                           causal=cache is None, deterministic=deterministic)
     if cfg.norm_position == 'pre':
       x = make_norm(cfg, 'ln_final')(x)
     logits = x if features else unembed(cfg, embed, x)

@@ -201,11 +201,17 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
 
 def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResult:
   """Trains `task` to config.train.steps in `workdir`, resuming from its latest checkpoint."""
+  mesh = parallel.make_mesh(config.mesh)
+  with parallel.activation_sharding(mesh):  # Every function traced below pins activations.
+    return _train(config, workdir, task, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
+           mesh: jax.sharding.Mesh) -> RunResult:
   cfg = config.train
   is_main = jax.process_index() == 0
   flat = config_lib.flat_optimizer(config)
   tx = make_optimizer(cfg, flat)
-  mesh = parallel.make_mesh(config.mesh)
   micro_batch = cfg.batch_size // cfg.grad_accum_steps
   parallel.check_batch(micro_batch, mesh)
   rows, batch_sharding = parallel.process_slice(micro_batch), parallel.batch_sharding(mesh)

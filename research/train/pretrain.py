@@ -19,7 +19,8 @@ from research.checkpoint import Checkpointer
 from research.data import lm, sources
 from research.errors import UserError
 from research.nn import lora, moe
-from research.nn.transformer import DecoderLM, init_decoder
+from research.nn.partitioning import constrain
+from research.nn.transformer import DecoderLM, init_decoder, to_layout, unembedding
 from research.train import loop
 
 
@@ -34,6 +35,34 @@ def lm_loss(logits: jnp.ndarray, targets: jnp.ndarray,
   total = jnp.maximum(weights.sum(), 1.0)
   accuracy = ((logits.argmax(-1) == targets) * weights).sum() / total
   return (losses * weights).sum() / total, accuracy
+
+
+def chunked_lm_loss(hidden: jnp.ndarray, unembedding: jnp.ndarray, targets: jnp.ndarray,
+                    weights: jnp.ndarray | None, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`lm_loss` of the logits hidden @ unembedding, computed `chunk` positions at a time: the
+  float32 logits of one chunk [batch, chunk, vocab] exist at once (forward and backward, which
+  recomputes them), not the whole batch's.
+
+  hidden: final hidden states [batch, seq, d_model]; unembedding: [d_model, vocab]; seq must be a
+  multiple of chunk.
+  """
+  b, t, d = hidden.shape
+  weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
+  split = lambda x: jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def one_chunk(sums, xs):
+    x, y, w = xs
+    logits = constrain(x.astype(jnp.float32) @ unembedding.astype(jnp.float32),
+                       ('batch', 'length', 'vocab'))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return (sums[0] + (losses * w).sum(), sums[1] + ((logits.argmax(-1) == y) * w).sum()), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (loss, correct), _ = jax.lax.scan(one_chunk, (zero, zero),
+                                    (split(hidden), split(targets), split(weights)))
+  total = jnp.maximum(weights.sum(), 1.0)
+  return loss / total, correct / total
 
 
 def target_tokens(batch: loop.Batch) -> float:
@@ -83,29 +112,35 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str):
   return tok, train, val
 
 
-def lm_fns(model: DecoderLM) -> tuple[Callable, Callable]:
-  """(loss_fn, eval_fn) of `loop.Task` for next-token prediction.
+def lm_fns(model: DecoderLM, loss_chunk: int = 0) -> tuple[Callable, Callable]:
+  """(loss_fn, eval_fn) of `loop.Task` for next-token prediction; with `loss_chunk` > 0
+  (train.loss_chunk) the logits are computed that many positions at a time (`chunked_lm_loss`).
 
   A batch holds 'inputs' and 'targets' (int [batch, seq]) and optionally 'positions' and
   'segment_ids' (packed examples, see DecoderLM), 'weights' (float [batch, seq], which targets
   count; default all) and, for encoder-decoder models, 'source' and 'source_segment_ids'.
   """
-  def forward(params, batch, **kwargs):
-    return model.apply({'params': params}, batch['inputs'], batch.get('positions'),
-                       batch.get('segment_ids'), source=batch.get('source'),
-                       source_segment_ids=batch.get('source_segment_ids'), **kwargs)
+  def objective(params, batch, weights, **kwargs):
+    out, state = model.apply({'params': params}, batch['inputs'], batch.get('positions'),
+                             batch.get('segment_ids'), source=batch.get('source'),
+                             source_segment_ids=batch.get('source_segment_ids'),
+                             features=loss_chunk > 0, mutable=['intermediates'], **kwargs)
+    if loss_chunk:
+      loss, accuracy = chunked_lm_loss(out[0], unembedding(model.cfg, params), batch['targets'],
+                                       weights, loss_chunk)
+    else:
+      loss, accuracy = lm_loss(out[0], batch['targets'], weights)
+    return loss, accuracy, state
 
   def loss_fn(params, batch, key):
-    (logits, _), state = forward(params, batch, deterministic=False, rngs={'dropout': key},
-                                 mutable=['intermediates'])
-    loss, accuracy = lm_loss(logits, batch['targets'], batch.get('weights'))
+    loss, accuracy, state = objective(params, batch, batch.get('weights'), deterministic=False,
+                                      rngs={'dropout': key})
     aux_loss, moe_metrics = moe.collect_losses(state.get('intermediates', {}))
     return loss + aux_loss, {'accuracy': accuracy, **moe_metrics}
 
   def eval_fn(params, batch):  # Means over the batch's weighted targets, weighted by their count.
-    logits, _ = forward(params, batch)
     weights = batch.get('weights', jnp.ones(batch['targets'].shape, jnp.float32))
-    loss, accuracy = lm_loss(logits, batch['targets'], weights)
+    loss, accuracy, _ = objective(params, batch, weights)
     return {'loss': (loss, weights.sum()), 'accuracy': (accuracy, weights.sum())}
 
   return loss_fn, eval_fn
@@ -116,7 +151,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens:
   """The pretraining task; `init_params` (default: a fresh init) gives the starting weights."""
   t = config.train
   micro_batch = t.batch_size // t.grad_accum_steps
-  loss_fn, eval_fn = lm_fns(model)
+  loss_fn, eval_fn = lm_fns(model, t.loss_chunk)
   return loop.Task(
       init_params=init_params or (
           lambda key: model.init(key, jnp.zeros((1, t.seq_len), jnp.int32))['params']),
@@ -216,7 +251,7 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizers.To
 
 
 # Model keys that change neither the shapes nor the meaning of the weights.
-FREE_MODEL_KEYS = ('dropout', 'dtype')
+FREE_MODEL_KEYS = ('dropout', 'dtype', 'attention', 'remat', 'scan_layers')
 
 
 def init_from(config: ml_collections.ConfigDict, workdir: str) -> tuple[tokenizers.Tokenizer, Any]:
@@ -241,7 +276,7 @@ def init_from(config: ml_collections.ConfigDict, workdir: str) -> tuple[tokenize
   if not os.path.isdir(directory):
     tok.save(directory + '.tmp')
     os.replace(directory + '.tmp', directory)
-  return tok, params
+  return tok, to_layout(params, config.model.scan_layers)
 
 
 def tokenizer_report(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -79,7 +79,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM,
               tok: tokenizers.Tokenizer) -> loop.Task:
   t, m = config.train, config.model
   micro_batch = t.batch_size // t.grad_accum_steps
-  loss_fn, lm_eval_fn = lm_fns(model)
+  loss_fn, lm_eval_fn = lm_fns(model, t.loss_chunk)
 
   def train_batch(step: int, micro: int, rows: slice) -> Batch:
     rng = np.random.default_rng([config.seed, step, micro])

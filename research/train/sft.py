@@ -103,7 +103,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
   """Full fine-tuning of `base`, or (lora.rank > 0) training adapters of it, on packed rows."""
   t, lc = config.train, config.lora
   micro_batch = t.batch_size // t.grad_accum_steps
-  lm_loss_fn, lm_eval_fn = pretrain.lm_fns(model)
+  lm_loss_fn, lm_eval_fn = pretrain.lm_fns(model, t.loss_chunk)
   loss_fn, eval_fn, init_params = lm_loss_fn, lm_eval_fn, lambda key: base
   if lc.rank:  # The trained params are the adapters; the base weights are constants.
     merged = lambda adapters: lora.merge(base, adapters, lc.alpha, lc.rank)
