@@ -21,11 +21,18 @@ flags.DEFINE_string('experiment', None, 'Experiment name: a file experiments/NAM
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go '
                     '(default runs/NAME).')
 flags.DEFINE_enum('mode', 'train', ['train', 'generate', 'chat', 'tokenize', 'sweep',
-                                    'sweep_report', 'analyze_embeddings'],
+                                    'sweep_report', 'analyze_embeddings', 'compile'],
                   'train (or resume); generate from --prompt or chat (reads stdin lines) with the '
                   'latest checkpoint; tokenize: a tokenizer report on the val split; sweep: run '
                   'the experiment\'s sweep() points in WORKDIR/sweep/ and report; sweep_report: '
-                  'the table and plots of the points so far; analyze_embeddings: see --words.')
+                  'the table and plots of the points so far; analyze_embeddings: see --words; '
+                  'compile: compile the train step for --topology (a TPU slice) on this host and '
+                  'report memory, FLOPs and collectives per chip (needs libtpu, not a TPU).')
+flags.DEFINE_string('topology', 'v5e-16', 'compile: the TPU slice, e.g. v5e-16, v4-8, v5p-128, '
+                    'v6e-64, or a chip grid (v5e:4x4).')
+flags.DEFINE_integer('num_slices', 1, 'compile: slices joined over the data-centre network.')
+flags.DEFINE_bool('count_flops', False, 'compile: count the FLOPs of every loop trip (a second '
+                  'compile, layers unrolled), not only of each loop body as XLA does.')
 flags.DEFINE_string('prompt', None, 'Prompt for --mode=generate.')
 flags.DEFINE_integer('sweep_parallel', 1, 'Points of a sweep run at once (processes).')
 flags.DEFINE_bool('sweep_dry_run', False, 'Print one launch.py command per sweep point, run none.')
@@ -107,6 +114,8 @@ def run_sweep(workdir: str) -> None:
 
 def main(argv: list[str]) -> None:
   del argv
+  if FLAGS.mode == 'compile':  # For a TPU, on this host's CPU: libtpu need not find a TPU.
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   # Imported here so that flag errors come back fast, before jax loads.
   import jax  # pylint: disable=g-import-not-at-top
   from research import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -129,24 +138,35 @@ def main(argv: list[str]) -> None:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
   perf.tune_cpu_runtime()
+  def train():
+    trainer = stages.stage_module(config.stage)
+    if jax.process_index() == 0:
+      config_lib.save_to_workdir(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
+
+  def analyze_embeddings():
+    from research.analysis import embeddings  # pylint: disable=g-import-not-at-top
+    print(embeddings.analyze_workdir(workdir, FLAGS.words, FLAGS.analogy, FLAGS.direction))
+
+  def compile_step():
+    from research import compile as compile_lib  # pylint: disable=g-import-not-at-top
+    compile_lib.compile_main(config, FLAGS.topology, FLAGS.num_slices, FLAGS.count_flops)
+
+  modes = {
+      'train': train,
+      'generate': lambda: generate.generate_main(workdir, FLAGS.prompt, config.sampling,
+                                                 seed=config.seed),
+      'chat': lambda: generate.chat_main(workdir, config.sampling, sys.stdin, sys.stdout,
+                                         seed=config.seed),
+      'tokenize': lambda: print(pretrain.tokenizer_report(config, workdir)),
+      'sweep': lambda: run_sweep(workdir),
+      'sweep_report': lambda: run_sweep(workdir),
+      'analyze_embeddings': analyze_embeddings,
+      'compile': compile_step,
+  }
   try:
     config_lib.validate(config)
-    if FLAGS.mode == 'train':
-      trainer = stages.stage_module(config.stage)
-      if jax.process_index() == 0:
-        config_lib.save_to_workdir(config, workdir)
-      trainer.train_and_evaluate(config, workdir)
-    elif FLAGS.mode == 'generate':
-      generate.generate_main(workdir, FLAGS.prompt, config.sampling, seed=config.seed)
-    elif FLAGS.mode == 'chat':
-      generate.chat_main(workdir, config.sampling, sys.stdin, sys.stdout, seed=config.seed)
-    elif FLAGS.mode == 'tokenize':
-      print(pretrain.tokenizer_report(config, workdir))
-    elif FLAGS.mode in ('sweep', 'sweep_report'):
-      run_sweep(workdir)
-    elif FLAGS.mode == 'analyze_embeddings':
-      from research.analysis import embeddings  # pylint: disable=g-import-not-at-top
-      print(embeddings.analyze_workdir(workdir, FLAGS.words, FLAGS.analogy, FLAGS.direction))
+    modes[FLAGS.mode]()
   except UserError as e:
     fail(str(e))
 

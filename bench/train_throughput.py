@@ -127,7 +127,9 @@ def main() -> None:
   parser.add_argument('--json', action='store_true', help='print one JSON object per workload')
   args = parser.parse_args()
   perf.tune_cpu_runtime()  # As launch.py does.
-  peak, source = perf.datasheet_peak()
+  source = jax.devices()[0].device_kind
+  peak = perf.datasheet_peak(source)  # One device's (the benchmark runs on one).
+  source += ', bf16 data sheet' if peak else ', measured fp32 matmul next to each window'
   rows = []
   for name in args.workloads.split(','):
     config, vocab = workload(name)

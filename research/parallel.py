@@ -9,7 +9,7 @@ slice: only `mesh.*` changes.
 
 import contextlib
 import re
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -48,7 +48,7 @@ ACTIVATION_RULES = (
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
-    ('vocab', 'tensor'),
+    ('vocab', ('tensor', 'fsdp')),
     ('experts', 'expert'),
 )
 
@@ -64,10 +64,11 @@ def activation_sharding(mesh: Mesh):
     yield
 
 
-def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
-  """A mesh over all devices with the `mesh.*` axis sizes; one size may be -1 (the rest)."""
+def make_mesh(cfg: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """A mesh over all devices (or `devices`, e.g. a TPU topology's to compile for) with the
+  `mesh.*` axis sizes; one size may be -1 (the rest)."""
   sizes = [cfg[a] for a in AXES]
-  n = jax.device_count()
+  n = jax.device_count() if devices is None else len(devices)
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise UserError(f'mesh sizes {dict(zip(AXES, sizes))} must be >= 1, with at most one -1.')
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -80,7 +81,8 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
     raise UserError(f'mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices but '
                     f'{n} are present; make the product of mesh.* equal {n} (or use -1).')
   # Auto axes: XLA propagates shardings through the model; only params and batches are pinned.
-  return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+  return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+                       devices=devices)
 
 
 def path_str(path) -> str:

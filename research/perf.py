@@ -18,6 +18,12 @@ KNOWN_PEAKS = (
     ('TPU v5p', 459e12), ('TPU v5', 459e12), ('TPU v4', 275e12),
     ('H200', 989e12), ('H100', 989e12), ('A100', 312e12),
 )
+# HBM GiB per chip, from the same data sheets, matched the same way (TPU v5 lite = v5e, v6 lite =
+# v6e, v5 = v5p; the A100's 80 GB model).
+KNOWN_HBM_GIB = (
+    ('TPU v6 lite', 32), ('TPU v6e', 32), ('TPU v5 lite', 16), ('TPU v5e', 16), ('TPU v5p', 95),
+    ('TPU v5', 95), ('TPU v4', 32), ('H200', 141), ('H100', 80), ('A100', 80),
+)
 
 
 def compiler_options() -> Optional[dict[str, str]]:
@@ -112,22 +118,23 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   return float(max(probe() for _ in range(repeats)))
 
 
-def datasheet_peak() -> tuple[Optional[float], str]:
-  """(bf16 peak FLOP/s of all devices together, its source) on known accelerators: the data
-  sheet's figure per chip times the device count; (None, device kind) elsewhere."""
-  kind = jax.devices()[0].device_kind
-  for name, peak in KNOWN_PEAKS:
-    if name in kind:
-      n = jax.device_count()
-      return peak * n, f'{n} x {kind}, bf16 data sheet'
-  return None, kind
+def datasheet_peak(kind: str) -> Optional[float]:
+  """The data sheet's bf16 peak FLOP/s of one chip of `kind` (jax.Device.device_kind), or None."""
+  return next((peak for name, peak in KNOWN_PEAKS if name in kind), None)
+
+
+def chip_hbm(kind: str) -> Optional[float]:
+  """The data sheet's HBM bytes of one chip of `kind` (jax.Device.device_kind), or None."""
+  return next((gib * 2.0**30 for name, gib in KNOWN_HBM_GIB if name in kind), None)
 
 
 def peak_flops() -> tuple[float, str]:
   """(peak FLOP/s of all devices together, where it came from): `datasheet_peak`, else (CPU) a
   measured float32 matmul (the emulated CPU devices share the same cores, so it is not
   multiplied)."""
-  peak, source = datasheet_peak()
+  kind = jax.devices()[0].device_kind
+  peak = datasheet_peak(kind)
   if peak is not None:
-    return peak, source
-  return measure_matmul_peak(), f'{source}, measured fp32 matmul'
+    n = jax.device_count()
+    return peak * n, f'{n} x {kind}, bf16 data sheet'
+  return measure_matmul_peak(), f'{kind}, measured fp32 matmul'

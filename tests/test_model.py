@@ -190,3 +190,84 @@ def test_norm_and_its_gradients_equal_flax(center, dtype, cpu_kernel):
   for name, a, r in zip(['out', 'dparams', 'dx'], *results):
     jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, atol=tol, rtol=tol, err_msg=name),
                  a, r)
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(family='encoder_decoder'),
+                                dict(moe_every=1, num_experts=2, moe_top_k=1)])
+def test_scanned_layers_equal_unrolled_ones_and_convert_both_ways(kw):
+  """model.scan_layers: the same logits and gradients as the unrolled blocks with the same
+  weights (to_layout stacks them), and to_layout's round trip gives the weights back."""
+  from research.nn.transformer import init_decoder, to_layout
+  cfg = ModelConfig(vocab_size=VOCAB, num_layers=3, num_heads=4, d_model=32, max_len=16, **kw)
+  model, scanned = DecoderLM(cfg), DecoderLM(ModelConfig(**{**cfg.__dict__, 'scan_layers': True}))
+  params = init_decoder(model, jax.random.key(1), T)
+  stacked = to_layout(params, scan_layers=True)
+  assert 'blocks' in stacked and 'block_0' not in stacked
+  assert jax.tree.structure(stacked) == jax.tree.structure(init_decoder(scanned, jax.random.key(1),
+                                                                        T))
+  tokens = jax.random.randint(jax.random.key(0), (B, T), 0, VOCAB)
+  source = tokens if cfg.family == 'encoder_decoder' else None
+
+  def loss(m, p):
+    return m.apply({'params': p}, tokens, source=source)[0].std()
+
+  want, want_grads = jax.value_and_grad(lambda p: loss(model, p))(params)
+  got, got_grads = jax.value_and_grad(lambda p: loss(scanned, p))(stacked)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               to_layout(got_grads, scan_layers=False), want_grads)
+  jax.tree.map(np.testing.assert_array_equal, to_layout(stacked, scan_layers=False), params)
+
+
+def test_scanned_layers_decode_with_a_cache_as_unrolled_ones():
+  """Greedy decoding (prefill + cached steps) of a scanned model gives the unrolled one's tokens."""
+  from research import decoding
+  from research.nn.transformer import to_layout
+  model, params, tokens = build()
+  scanned = DecoderLM(ModelConfig(**{**model.cfg.__dict__, 'scan_layers': True}))
+  prompts, mask = decoding.left_pad([[3, 4, 5], [6, 7]], 0)
+  kw = dict(max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0, eos_id=1, pad_id=0)
+  want = decoding.sample(model, params, prompts, mask, jax.random.key(0), **kw)
+  got = decoding.sample(scanned, to_layout(params, True), prompts, mask, jax.random.key(0), **kw)
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_keeps_the_loss_and_gradients(remat):
+  model, params, tokens = build()
+  rematted = DecoderLM(ModelConfig(**{**model.cfg.__dict__, 'remat': remat}))
+
+  def loss(m, p):
+    return m.apply({'params': p}, tokens)[0].std()
+
+  want = jax.value_and_grad(lambda p: loss(model, p))(params)
+  got = jax.value_and_grad(lambda p: loss(rematted, p))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want)
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_chunked_loss_equals_the_whole_batch_loss(tie):
+  """train.loss_chunk: the loss, accuracy and gradients of lm_loss over the full logits."""
+  from research.train import pretrain
+  model, params, tokens = build(tie_embeddings=tie)
+  targets = jnp.roll(tokens, -1, axis=1)
+  weights = (jnp.arange(T) < T - 2).astype(jnp.float32)[None].repeat(B, 0)
+  batch = {'inputs': tokens, 'targets': targets, 'weights': weights}
+  full_loss, _ = pretrain.lm_fns(model)
+  chunk_loss, _ = pretrain.lm_fns(model, loss_chunk=4)
+  key = jax.random.key(0)
+  want, want_grads = jax.value_and_grad(full_loss, has_aux=True)(params, batch, key)
+  got, got_grads = jax.value_and_grad(chunk_loss, has_aux=True)(params, batch, key)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1]['accuracy'], want[1]['accuracy'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grads, want_grads)
+
+
+def test_param_dtype_sets_every_parameter():
+  _, params, _ = build(param_dtype='bfloat16', dtype='bfloat16')
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('bfloat16')}
+
+
+def test_scan_layers_refuses_mixed_blocks():
+  with pytest.raises(UserError, match='moe_every'):
+    ModelConfig(vocab_size=VOCAB, num_layers=4, moe_every=2, scan_layers=True)

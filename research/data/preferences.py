@@ -100,6 +100,13 @@ def task_pairs(problems: Sequence[synthetic.Problem], seed: int) -> list[Pair]:
   return pairs
 
 
+def placeholder_rows(pairs: int, seq_len: int) -> dict[str, np.ndarray]:
+  """Rows in `encode_pairs`' layout (pad id 0, full length), for compiling a step ahead."""
+  return {'tokens': np.zeros((pairs, 2, seq_len), np.int32),
+          'completion': np.ones((pairs, 2, seq_len), np.float32),
+          'length': np.full((pairs, 2), seq_len, np.int32)}
+
+
 def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[Pair], seq_len: int
                  ) -> tuple[dict[str, np.ndarray], list[Pair]]:
   """Rows of the chosen (index 0) and rejected (1) conversations, right-padded.

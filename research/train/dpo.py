@@ -26,7 +26,7 @@ from research import perf
 from research import rl
 from research.data import preferences
 from research.data import sft as sft_data
-from research.nn.transformer import DecoderLM
+from research.nn.transformer import DecoderLM, init_decoder
 from research.train import loop, pretrain, reward, sft
 
 
@@ -50,6 +50,44 @@ def with_reference(rows: dict[str, np.ndarray], logprob_fn, batch_size: int
   return {**rows, 'ref_logp': np.concatenate(ref)}
 
 
+def make_task(config: ml_collections.ConfigDict, model: DecoderLM, init_params,
+              train_rows: dict[str, np.ndarray], held_rows: dict[str, np.ndarray]) -> loop.Task:
+  """DPO on `with_reference` rows; init_params(key) -> the starting policy."""
+  t = config.train
+  micro_batch = t.batch_size // t.grad_accum_steps
+
+  def loss_fn(params, batch, key):
+    del key
+    return rl.dpo_loss(completion_logprobs(model, params, batch), batch['ref_logp'],
+                       config.dpo.beta, batch['completion'][:, 0, 1:].sum(-1), config.dpo.nll_coef)
+
+  def eval_fn(params, batch):
+    loss, metrics = loss_fn(params, batch, None)
+    return {'loss': loss, **metrics}
+
+  return loop.Task(
+      init_params=init_params,
+      loss_fn=loss_fn,
+      eval_fn=eval_fn,
+      train_batch=lambda step, micro, rows: sft_data.sample_rows(
+          train_rows, micro_batch, config.seed, step, micro, rows),
+      eval_batches=sft_data.fixed_batches(held_rows, t.eval_batches, micro_batch),
+      tokens_per_step=t.batch_size * 2 * t.seq_len,
+      flops_per_token=lambda params: perf.train_flops_per_token(
+          params, config.model.num_layers, config.model.d_model, t.seq_len))
+
+
+def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, dict]:
+  """(task, one micro-batch) of this stage for the model `cfg`, on placeholder data (only the
+  shapes matter): the train step that research/compile.py compiles."""
+  t = config.train
+  rows = preferences.placeholder_rows(t.batch_size * t.eval_batches, t.seq_len)
+  rows['ref_logp'] = np.zeros((t.batch_size * t.eval_batches, 2), np.float32)
+  model = DecoderLM(cfg)
+  task = make_task(config, model, lambda key: init_decoder(model, key), rows, rows)
+  return task, task.train_batch(0, 0, slice(None))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Trains the policy with DPO in `workdir` (resuming); writes exact_match.json."""
   config = copy.deepcopy(config)
@@ -66,28 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
                               t.batch_size)
   held_rows = with_reference(preferences.encode_pairs(tok, held_out, t.seq_len)[0], ref_fn,
                              t.batch_size)
-  micro_batch = t.batch_size // t.grad_accum_steps
-
-  def loss_fn(params, batch, key):
-    del key
-    return rl.dpo_loss(completion_logprobs(model, params, batch), batch['ref_logp'],
-                       config.dpo.beta, batch['completion'][:, 0, 1:].sum(-1), config.dpo.nll_coef)
-
-  def eval_fn(params, batch):
-    loss, metrics = loss_fn(params, batch, None)
-    return {'loss': loss, **metrics}
-
-  flops = perf.train_flops_per_token(base, config.model.num_layers, config.model.d_model,
-                                     t.seq_len)
-  task = loop.Task(
-      init_params=lambda key: base,
-      loss_fn=loss_fn,
-      eval_fn=eval_fn,
-      train_batch=lambda step, micro, rows: sft_data.sample_rows(
-          train_rows, micro_batch, config.seed, step, micro, rows),
-      eval_batches=sft_data.fixed_batches(held_rows, t.eval_batches, micro_batch),
-      tokens_per_step=t.batch_size * 2 * t.seq_len,
-      flops_per_token=lambda params: flops)
+  task = make_task(config, model, lambda key: base, train_rows, held_rows)
   _, held_records = sft.load_records(config)
   results = {'before': sft.score(config, model, base, tok, held_records)}
   print(f'held-out exact match before DPO: {results["before"]}', flush=True)

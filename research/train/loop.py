@@ -57,6 +57,11 @@ class Task:
   tokens_per_step: int
   flops_per_token: Callable[[Params], float]
   batch_weight: Callable[[Batch], float] | None = None
+  frozen: Params | None = None
+
+  def with_frozen(self, frozen: Params | None) -> dict[str, Params]:
+    """The keyword arguments that pass `frozen` to loss_fn and eval_fn (none without)."""
+    return {} if self.frozen is None else {'frozen': frozen}
 
 
 @flax.struct.dataclass
@@ -90,7 +95,7 @@ class Preempted:
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
                     state_sharding: Any = None, batch_sharding: Any = None,
-                    flat_optimizer: bool = False):
+                    flat_optimizer: bool = False, frozen_sharding: Any = None):
   """One micro-step: loss, grads, optimiser update. `index` = step * accum + micro seeds dropout;
   the gradient is multiplied by `grad_scale` (float32 scalar, see `micro_scales`; 1 without
   accumulation), the reported loss is not. The reported grad_norm is that of the gradient the
@@ -99,17 +104,18 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
 
   flat_optimizer: `tx` was made with flat=True (see optimizer.grad_norm).
 
-  With shardings, the state stays sharded as given (donated, updated in place) and batches
-  arrive sharded over the batch axes.
+  With shardings, the state stays sharded as given (donated, updated in place), batches
+  arrive sharded over the batch axes and `frozen` (task.frozen) as `frozen_sharding`.
   """
-  def scaled_loss(params, batch, key, grad_scale):
-    loss, aux = task.loss_fn(params, batch, key)
+  def scaled_loss(params, batch, key, grad_scale, frozen):
+    loss, aux = task.loss_fn(params, batch, key, **task.with_frozen(frozen))
     return loss * grad_scale, (loss, aux)
 
-  def train_step(state: TrainState, batch: Batch, index: jax.Array, grad_scale: jax.Array):
+  def train_step(state: TrainState, batch: Batch, index: jax.Array, grad_scale: jax.Array,
+                 frozen: Params | None = None):
     key = jax.random.fold_in(jax.random.key(seed), index)
     (_, (loss, aux)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
-        state.params, batch, key, grad_scale)
+        state.params, batch, key, grad_scale, frozen)
     step_grads = grads
     if isinstance(state.opt_state, optax.MultiStepsState):  # MultiSteps' running mean.
       n = state.opt_state.mini_step
@@ -123,7 +129,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
   if state_sharding is None:
     return jax.jit(train_step, donate_argnums=0, compiler_options=options)
   return jax.jit(train_step, donate_argnums=0,
-                 in_shardings=(state_sharding, batch_sharding, None, None),
+                 in_shardings=(state_sharding, batch_sharding, None, None, frozen_sharding),
                  out_shardings=(state_sharding, None), compiler_options=options)
 
 
@@ -139,9 +145,10 @@ def micro_scales(weights: list[float]) -> np.ndarray:
   return (len(w) * w / w.sum()).astype(np.float32)
 
 
-def evaluate(eval_step, params: Params, batches: list[Batch]) -> dict[str, float]:
-  """{'eval/<metric>': its average over `batches`} (see `Task.eval_fn`)."""
-  results = jax.device_get([eval_step(params, b) for b in batches])
+def evaluate(eval_step, params: Params, batches: list[Batch], *args) -> dict[str, float]:
+  """{'eval/<metric>': its average over `batches`} (see `Task.eval_fn`) of
+  eval_step(params, batch, *args)."""
+  results = jax.device_get([eval_step(params, b, *args) for b in batches])
   averages = {}
   for k in results[0]:
     values = [r[k] for r in results]
@@ -226,6 +233,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   key = jax.random.key(config.seed)
   state_sharding = parallel.state_shardings(jax.eval_shape(init, key), mesh)
   state = jax.jit(init, out_shardings=state_sharding)(key)  # Created already sharded.
+  frozen_sharding = parallel.state_shardings(task.frozen, mesh)
+  frozen = jax.device_put(task.frozen, frozen_sharding)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
@@ -241,11 +250,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   schedule = make_schedule(cfg)
   first = get_batch(start, 0)
   t0 = time.perf_counter()
-  train_step = make_train_step(task, tx, config.seed, state_sharding, batch_sharding,
-                               flat).lower(state, first, np.int32(0), np.float32(1)).compile()
+  train_step = make_train_step(task, tx, config.seed, state_sharding, batch_sharding, flat,
+                               frozen_sharding).lower(state, first, np.int32(0), np.float32(1),
+                                                      frozen).compile()
   weigh = task.batch_weight is not None and accum > 1
   compile_sec = time.perf_counter() - t0
-  eval_step = jax.jit(task.eval_fn)
+  eval_step = jax.jit(lambda params, batch, frozen: task.eval_fn(
+      params, batch, **task.with_frozen(frozen)))
   eval_batches = [parallel.to_global({k: v[rows] for k, v in b.items()}, batch_sharding)
                   for b in task.eval_batches]
   flops_per_token = task.flops_per_token(state.params)
@@ -313,7 +324,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
           else:
             batch = batches.get((step, micro), following(step, micro))
           data_sec += time.perf_counter() - t_data
-          state, out = train_step(state, batch, np.int32(step * accum + micro), scales[micro])
+          state, out = train_step(state, batch, np.int32(step * accum + micro), scales[micro],
+                                  frozen)
           if pending is not None:
             pull(*pending)
           pending = (out, step + 1, scales[micro], micro == accum - 1)
@@ -346,7 +358,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
           pending = None
         t_pause = time.perf_counter()  # Eval and checkpoints are not training time.
         if evaluate_now:
-          ev = evaluate(eval_step, state.params, eval_batches)
+          ev = evaluate(eval_step, state.params, eval_batches, frozen)
           ev['eval/perplexity'] = float(np.exp(ev['eval/loss']))
           last.update(ev)
           if is_main:

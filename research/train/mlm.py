@@ -78,6 +78,15 @@ def make_task(config: ml_collections.ConfigDict, model: EncoderLM, tok: tokenize
       batch_weight=None if config.mlm.next_sentence else target_tokens)
 
 
+def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.Batch]:
+  """(task, one micro-batch) of this stage for the model `cfg`, on placeholder data (only the
+  shapes matter): the train step that research/compile.py compiles."""
+  tokens = np.zeros(4 * config.train.seq_len + 8, np.uint16)
+  task = make_task(config, EncoderLM(cfg, config.mlm.next_sentence), tokenizers.ByteTokenizer(),
+                   tokens, tokens)
+  return task, task.train_batch(0, 0, slice(None))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Pretrains a BERT in `workdir` (resuming if it holds a checkpoint)."""
   tok, train_tokens, val_tokens = prepare_data(config, workdir)

@@ -40,6 +40,7 @@ import optax
 from research import config as config_lib
 from research import decoding
 from research import metrics as metrics_lib
+from research import perf
 from research import rl
 from research import tokenizers
 from research.checkpoint import Checkpointer
@@ -47,8 +48,8 @@ from research.data import sft as sft_data
 from research.data import synthetic
 from research.errors import UserError
 from research.nn.config import ModelConfig
-from research.nn.transformer import DecoderLM, ScalarLM, init_scalar_head
-from research.train import pretrain, reward, sft
+from research.nn.transformer import DecoderLM, ScalarLM, init_decoder, init_scalar_head
+from research.train import loop, pretrain, reward, sft
 from research.train.optimizer import make_optimizer
 
 
@@ -157,6 +158,34 @@ def init_value(cfg: ModelConfig, sft_params: Any) -> Any:
   iterations, with the exact checker as the reward.)"""
   params = init_scalar_head(cfg, jax.random.key(0), sft_params)
   return {**params, 'head': jax.tree.map(jnp.zeros_like, params['head'])}
+
+
+def step_spec(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[loop.Task, dict]:
+  """(task, one minibatch of rollouts) of PPO's update for the model `cfg`, on placeholder data
+  (only the shapes matter): the update step that research/compile.py compiles. Prompts fill
+  train.seq_len - ppo.max_new_tokens positions."""
+  t, p = config.train, config.ppo
+  settings = {**p.to_dict(), 'eos_id': 0, 'pad_id': 0}
+  models = Models(DecoderLM(cfg), ScalarLM(cfg), tuple(sorted(settings.items())), None, None)
+  b, r = p.minibatch_size, p.max_new_tokens
+  length = t.seq_len
+  tokens = np.zeros((b, length), np.int32)
+  floats = np.zeros((b, r), np.float32)
+  batch = {'tokens': tokens, 'positions': tokens, 'segments': tokens + 1,
+           'responses': tokens[:, :r], 'mask': floats + 1, 'logp': floats, 'values': floats,
+           'advantages': floats, 'returns': floats}
+
+  def init(key):
+    policy = init_decoder(models.policy, key)
+    return {'policy': policy, 'value': init_value(cfg, policy)}
+
+  task = loop.Task(
+      init_params=init, loss_fn=lambda params, batch, key: ppo_loss(models, params, batch),
+      eval_fn=None, train_batch=lambda step, micro, rows: batch, eval_batches=[],
+      tokens_per_step=b * length,
+      flops_per_token=lambda params: 2 * perf.train_flops_per_token(
+          params['policy'], cfg.num_layers, cfg.d_model, length))
+  return task, batch
 
 
 def task_prompts(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer

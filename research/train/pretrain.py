@@ -41,22 +41,28 @@ def chunked_lm_loss(hidden: jnp.ndarray, unembedding: jnp.ndarray, targets: jnp.
                     weights: jnp.ndarray | None, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """`lm_loss` of the logits hidden @ unembedding, computed `chunk` positions at a time: the
   float32 logits of one chunk [batch, chunk, vocab] exist at once (forward and backward, which
-  recomputes them), not the whole batch's.
+  recomputes them), not the whole batch's. The products take the hidden states' dtype with
+  float32 accumulation. Under a mesh the unembedding stays sharded over the vocabulary (logical
+  axis 'vocab', nn/partitioning.py) and so do the logits: each device computes its slice of the
+  vocabulary for all rows of the chunk, and the softmax sums across devices.
 
   hidden: final hidden states [batch, seq, d_model]; unembedding: [d_model, vocab]; seq must be a
-  multiple of chunk.
+  multiple of chunk. Accuracy counts a target whose logit is the largest (ties count as right).
   """
-  b, t, d = hidden.shape
+  b, t, _ = hidden.shape
   weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
   split = lambda x: jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
+  w_DxV = constrain(unembedding.astype(hidden.dtype), (None, 'vocab'))
 
   @jax.checkpoint
   def one_chunk(sums, xs):
-    x, y, w = xs
-    logits = constrain(x.astype(jnp.float32) @ unembedding.astype(jnp.float32),
-                       ('batch', 'length', 'vocab'))
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return (sums[0] + (losses * w).sum(), sums[1] + ((logits.argmax(-1) == y) * w).sum()), None
+    x_BxCxD, y_BxC, w_BxC = xs
+    logits = constrain(jnp.einsum('bcd,dv->bcv', x_BxCxD, w_DxV,
+                                  preferred_element_type=jnp.float32), (None, None, 'vocab'))
+    label = jnp.take_along_axis(logits, y_BxC[..., None], axis=-1)[..., 0]
+    losses = jax.nn.logsumexp(logits, axis=-1) - label
+    right = label >= logits.max(-1)
+    return (sums[0] + (losses * w_BxC).sum(), sums[1] + (right * w_BxC).sum()), None
 
   zero = jnp.zeros((), jnp.float32)
   (loss, correct), _ = jax.lax.scan(one_chunk, (zero, zero),
@@ -164,6 +170,14 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens:
       flops_per_token=lambda params: perf.train_flops_per_token(
           params, config.model.num_layers, config.model.d_model, t.seq_len,
           config.model.moe_top_k / config.model.num_experts))
+
+
+def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.Batch]:
+  """(task, one micro-batch) of this stage for the model `cfg`, on placeholder data (only the
+  shapes matter): the train step that research/compile.py compiles."""
+  tokens = np.zeros(2 * config.train.seq_len + 4, np.uint16)
+  task = make_task(config, DecoderLM(cfg), tokens, tokens)
+  return task, task.train_batch(0, 0, slice(None))
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:

@@ -36,7 +36,7 @@ from research.data import preferences
 from research.data import sft as sft_data
 from research.data import synthetic
 from research.errors import UserError
-from research.nn.transformer import ScalarLM, init_scalar_head
+from research.nn.transformer import DecoderLM, ScalarLM, init_decoder, init_scalar_head
 from research.train import loop, pretrain, stages
 
 POLICY_SAMPLES_PER_PROMPT = 4  # For the pair accuracy on the SFT policy's own replies.
@@ -201,6 +201,42 @@ def load(workdir: str) -> tuple[tokenizers.Tokenizer, RewardModel]:
   return tok, RewardModel(model, params, norm['gain'], norm['bias'])
 
 
+def make_task(config: ml_collections.ConfigDict, model: ScalarLM, init_params,
+              train_rows: dict[str, np.ndarray], held_rows: dict[str, np.ndarray]) -> loop.Task:
+  """The Bradley-Terry task on `preferences.encode_pairs` rows; init_params(key) -> params."""
+  t = config.train
+  micro_batch = t.batch_size // t.grad_accum_steps
+
+  def loss_fn(params, batch, key):
+    del key  # No dropout in the reward model.
+    return pair_metrics(pair_scores(model, params, batch))
+
+  def eval_fn(params, batch):
+    loss, metrics = pair_metrics(pair_scores(model, params, batch))
+    return {'loss': loss, **metrics}
+
+  return loop.Task(
+      init_params=init_params,
+      loss_fn=loss_fn,
+      eval_fn=eval_fn,
+      train_batch=lambda step, micro, rows: sft_data.sample_rows(
+          train_rows, micro_batch, config.seed, step, micro, rows),
+      eval_batches=sft_data.fixed_batches(held_rows, len(held_rows['tokens']) // micro_batch,
+                                          micro_batch),
+      tokens_per_step=t.batch_size * 2 * t.seq_len,
+      flops_per_token=lambda params: perf.train_flops_per_token(
+          params['lm'], config.model.num_layers, config.model.d_model, t.seq_len))
+
+
+def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.Batch]:
+  """(task, one micro-batch) of this stage for the model `cfg`, on placeholder data (only the
+  shapes matter): the train step that research/compile.py compiles."""
+  rows = preferences.placeholder_rows(config.train.batch_size, config.train.seq_len)
+  init = lambda key: init_scalar_head(cfg, key, init_decoder(DecoderLM(cfg), key))
+  task = make_task(config, ScalarLM(cfg), init, rows, rows)
+  return task, task.train_batch(0, 0, slice(None))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Trains the reward model in `workdir` (resuming), then fits and saves its normalisation."""
   config = copy.deepcopy(config)
@@ -221,28 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   t = config.train
   train_rows, train = preferences.encode_pairs(tok, train, t.seq_len)
   held_rows, held_out = preferences.encode_pairs(tok, held_out, t.seq_len)
-  micro_batch = t.batch_size // t.grad_accum_steps
-
-  def loss_fn(params, batch, key):
-    del key  # No dropout in the reward model.
-    return pair_metrics(pair_scores(model, params, batch))
-
-  def eval_fn(params, batch):
-    loss, metrics = pair_metrics(pair_scores(model, params, batch))
-    return {'loss': loss, **metrics}
-
-  flops = perf.train_flops_per_token(base, config.model.num_layers, config.model.d_model,
-                                     t.seq_len)
-  task = loop.Task(
-      init_params=lambda key: init_scalar_head(cfg, key, base),
-      loss_fn=loss_fn,
-      eval_fn=eval_fn,
-      train_batch=lambda step, micro, rows: sft_data.sample_rows(
-          train_rows, micro_batch, config.seed, step, micro, rows),
-      eval_batches=sft_data.fixed_batches(held_rows, len(held_rows['tokens']) // micro_batch,
-                                          micro_batch),
-      tokens_per_step=t.batch_size * 2 * t.seq_len,
-      flops_per_token=lambda params: flops)
+  task = make_task(config, model, lambda key: init_scalar_head(cfg, key, base), train_rows,
+                   held_rows)
   result = loop.run(config, workdir, task)
   if not result.finished:
     return result

@@ -124,12 +124,24 @@ def exact_match(model: DecoderLM, params: Any, tok: tokenizers.Tokenizer,
   return float(np.mean([x == target for x, (_, target) in zip(texts, pairs)])), texts
 
 
+def tokenizer_texts(config: ml_collections.ConfigDict) -> list[str]:
+  """The texts the tokenizer learns from: both sides of TOKENIZER_PAIRS train pairs."""
+  return [text for pair in numbers.pairs(numbers.draw_numbers(
+      'train', TOKENIZER_PAIRS, np.random.default_rng(config.seed))) for text in pair]
+
+
+def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, Batch]:
+  """(task, one micro-batch) of this stage for the model `cfg`, on placeholder data (only the
+  shapes matter): the train step that research/compile.py compiles."""
+  tok = tokenizers.train_tokenizer(config.tokenizer, tokenizer_texts(config))
+  task = make_task(config, DecoderLM(cfg), tok)
+  return task, task.train_batch(0, 0, slice(None))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Trains the encoder-decoder in `workdir` (resuming if it holds a checkpoint); then scores
   greedy and beam search on the held-out pairs."""
-  train_texts = lambda: [text for pair in numbers.pairs(numbers.draw_numbers(
-      'train', TOKENIZER_PAIRS, np.random.default_rng(config.seed))) for text in pair]
-  tok = prepare_tokenizer(config, workdir, train_texts)
+  tok = prepare_tokenizer(config, workdir, lambda: tokenizer_texts(config))
   model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
   print(f'tokenizer {config.tokenizer.kind}: vocab {tok.vocab_size}', flush=True)
   result = loop.run(config, workdir, make_task(config, model, tok))

@@ -7,6 +7,7 @@ before and after, in <workdir>/exact_match.json.
 """
 
 import copy
+import dataclasses
 import json
 import os
 from typing import Any, Sequence
@@ -24,7 +25,7 @@ from research.data import sft as sft_data
 from research.data import synthetic
 from research.errors import UserError
 from research.nn import lora
-from research.nn.transformer import DecoderLM
+from research.nn.transformer import DecoderLM, init_decoder
 from research.train import loop, pretrain, stages
 
 
@@ -104,12 +105,12 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
   t, lc = config.train, config.lora
   micro_batch = t.batch_size // t.grad_accum_steps
   lm_loss_fn, lm_eval_fn = pretrain.lm_fns(model, t.loss_chunk)
-  loss_fn, eval_fn, init_params = lm_loss_fn, lm_eval_fn, lambda key: base
-  if lc.rank:  # The trained params are the adapters; the base weights are constants.
-    merged = lambda adapters: lora.merge(base, adapters, lc.alpha, lc.rank)
-    loss_fn = lambda adapters, batch, key: lm_loss_fn(merged(adapters), batch, key)
-    eval_fn = lambda adapters, batch: lm_eval_fn(merged(adapters), batch)
-    init_params = lambda key: lora.init(key, base, lc.rank, lc.targets)
+  loss_fn, eval_fn, init_params, frozen = lm_loss_fn, lm_eval_fn, lambda key: base, None
+  if lc.rank:  # The trained params are the adapters; the base weights are frozen.
+    merged = lambda adapters, base: lora.merge(base, adapters, lc.alpha, lc.rank)
+    loss_fn = lambda adapters, batch, key, frozen: lm_loss_fn(merged(adapters, frozen), batch, key)
+    eval_fn = lambda adapters, batch, frozen: lm_eval_fn(merged(adapters, frozen), batch)
+    init_params, frozen = lambda key: lora.init(key, base, lc.rank, lc.targets), base
   flops = perf.train_flops_per_token(base, config.model.num_layers, config.model.d_model,
                                      t.seq_len, config.model.moe_top_k / config.model.num_experts)
   return loop.Task(
@@ -121,7 +122,23 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
       eval_batches=sft_data.fixed_batches(held_out_rows, t.eval_batches, micro_batch),
       tokens_per_step=t.batch_size * t.seq_len,
       flops_per_token=lambda params: flops,
-      batch_weight=pretrain.target_tokens)
+      batch_weight=pretrain.target_tokens,
+      frozen=frozen)
+
+
+def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.Batch]:
+  """(task, one micro-batch) of this stage for the model `cfg`, on placeholder data (only the
+  shapes matter): the train step that research/compile.py compiles."""
+  t = config.train
+  model = DecoderLM(cfg)
+  init = lambda key: init_decoder(model, key, t.seq_len)
+  base = jax.eval_shape(init, jax.random.key(0))  # LoRA reads only its shapes.
+  example = sft_data.Example(np.zeros(t.seq_len + 1, np.int32), np.ones(t.seq_len + 1, np.float32))
+  rows = sft_data.make_rows([example] * t.batch_size, t.seq_len, False, 0)
+  task = make_task(config, model, base, rows, rows)
+  if not config.lora.rank:
+    task = dataclasses.replace(task, init_params=init)
+  return task, task.train_batch(0, 0, slice(None))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
