@@ -29,6 +29,7 @@ from research import config as config_lib
 from research import parallel
 from research import perf
 from research.errors import UserError
+from research.nn.config import ModelConfig
 from research.train import loop, stages
 from research.train.optimizer import make_optimizer
 
@@ -107,20 +108,16 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
   return out
 
 
-def saved_activation_bytes(config: ml_collections.ConfigDict, rows: int, seq: int,
-                           tensor: int) -> float:
+def saved_activation_bytes(m: ModelConfig, rows: int, seq: int, tensor: int) -> float:
   """Bytes per chip that the backward pass keeps of the forward, under model.remat: 'full' keeps
-  each block's input [rows, seq, d_model]; 'dots' also the projections' outputs (q, k, v, the
-  attention's output and its projection, the FFN's hidden layer(s) and output; the head and
-  hidden axes split over `tensor`); 'none' is given the same floor as 'dots'."""
-  m = config.model
+  each block's input [rows, seq, d_model]; 'dots' also the projections' outputs (q, k, v and the
+  attention's output projection, the FFN's hidden layer(s) and output; the head and hidden axes
+  split over `tensor`); 'none' is given the same floor as 'dots'."""
   itemsize = jnp.dtype(m.dtype).itemsize
   per_token = m.d_model
   if m.remat != 'full':
-    head_dim = m.d_model // m.num_heads
-    kv = m.num_kv_heads or m.num_heads
-    hidden = int(m.ffn_multiplier * m.d_model) * (2 if m.ffn == 'swiglu' else 1)
-    per_token += (2 * m.num_heads + 2 * kv) * head_dim / tensor + m.d_model
+    hidden = m.ffn_dim * (2 if m.ffn == 'swiglu' else 1)
+    per_token += (m.num_heads + 2 * m.kv_heads) * m.head_dim / tensor + m.d_model
     per_token += hidden / tensor + m.d_model
   return float(m.num_layers * rows * seq * per_token * itemsize)
 
@@ -268,7 +265,8 @@ def _compile(config: ml_collections.ConfigDict, topology: str, num_slices: int,
   chunk = t.loss_chunk or seq
   logits = 2 * (rows // shards) * chunk * math.ceil(vocab / mesh.shape['tensor']) * 4
   floor = (params + _bytes_per_device(state.params) + opt_state
-           + saved_activation_bytes(config, rows // shards, seq, mesh.shape['tensor']) + logits)
+           + saved_activation_bytes(model_cfg, rows // shards, seq, mesh.shape['tensor'])
+           + logits)
   tokens = task.tokens_per_step / t.grad_accum_steps
   model_flops = task.flops_per_token(abstract.params) * tokens / len(devices)
   hlo = compiled.as_text()

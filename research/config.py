@@ -229,7 +229,7 @@ def check_held_out_fractions(config: ml_collections.ConfigDict) -> None:
 FIXED_SECTIONS = ('model', 'tokenizer', 'data')
 # Keys of those sections that say how to compute, not what: free to change (and absent from
 # workdirs made before they existed).
-FREE_KEYS = (('model', 'attention'), ('model', 'remat'))
+FREE_KEYS = (('model', 'attention'), ('model', 'remat'), ('model', 'dtype'))
 # Mesh axes that shard parameters (research/parallel.py).
 PARAM_AXES = ('fsdp', 'tensor', 'expert')
 

@@ -6,6 +6,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Tests run on the CPU; with libtpu installed (for tests/test_compile.py) JAX would first look for
+# a TPU in every process. Compiling for a TPU topology works either way.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 TINY_TEXT = ''.join(f'def f{i}(x):\n    return x * {i % 7} + {i % 5}\n\n' for i in range(400))
 

@@ -177,3 +177,17 @@ def test_stages_are_the_modules_that_define_a_trainer():
     stages.stage_module('stages')  # Mentions train_and_evaluate( but defines none.
   listed = re.search(r'not one of \[(.*)\]', str(err.value)).group(1)
   assert listed == "'dpo', 'mlm', 'ppo', 'pretrain', 'reward', 'rlhf', 'seq2seq', 'sft'"
+
+
+def test_a_workdir_keeps_its_layer_layout_and_may_change_remat_and_dtype(tmp_path):
+  """Checkpoints hold the blocks unrolled or scanned: resuming with the other layout is refused in
+  one line (train.init_from converts, see test_model); remat and compute dtype may change."""
+  config = default_config()
+  (tmp_path / 'config.json').write_text(config.to_json())
+  (tmp_path / 'checkpoints').mkdir()
+  config.model.update(remat='full', dtype='bfloat16')
+  config_lib.save_to_workdir(config, str(tmp_path))
+  config.model.scan_layers = True
+  with pytest.raises(UserError, match='model.scan_layers: False there, True now') as err:
+    config_lib.save_to_workdir(config, str(tmp_path))
+  assert '\n' not in str(err.value)

@@ -12,7 +12,7 @@ CHOICES = {
     'norm': ('layernorm', 'rmsnorm'),
     'norm_position': ('pre', 'post'),
     'ffn': ('relu', 'gelu', 'swiglu'),
-    'dtype': ('float32', 'bfloat16'),
+    'dtype': ('auto', 'float32', 'bfloat16'),
     'param_dtype': ('float32', 'bfloat16'),
     'attention': ('auto', 'einsum', 'xla', 'cudnn', 'splash'),
     'remat': ('none', 'full', 'dots'),
@@ -35,7 +35,8 @@ class ModelConfig:
     (GPT-2) or 'post' (the original Transformer).
   ffn: 'relu' (original), 'gelu' (GPT/BERT, tanh approximation) or 'swiglu' (Shazeer 2020);
     hidden width = ffn_multiplier * d_model.
-  dtype: compute dtype; softmax and loss stay float32. param_dtype: the parameters' dtype (and so
+  dtype: compute dtype ('auto': bfloat16 on GPUs and TPUs, float32 elsewhere; resolved when the
+    config is built); softmax and loss stay float32. param_dtype: the parameters' dtype (and so
     the optimiser's: float32 master weights with bfloat16 compute is the usual choice).
   attention: the attention kernel (nn/attention.py `dot_product_attention`, chosen once in
     nn/kernels): 'einsum' (ours, the fastest on CPU), 'xla' or 'cudnn'
@@ -73,7 +74,7 @@ class ModelConfig:
   norm_position: str = 'pre'
   ffn: str = 'gelu'
   tie_embeddings: bool = True
-  dtype: str = 'float32'
+  dtype: str = 'auto'
   param_dtype: str = 'float32'
   attention: str = 'auto'
   remat: str = 'none'
@@ -90,6 +91,9 @@ class ModelConfig:
   backend: str = ''
 
   def __post_init__(self):
+    if self.dtype == 'auto':
+      object.__setattr__(self, 'dtype', 'bfloat16' if self.platform in ('gpu', 'tpu')
+                         else 'float32')
     for key, allowed in CHOICES.items():
       if getattr(self, key) not in allowed:
         raise UserError(f'model.{key}={getattr(self, key)!r} is not one of {allowed}; '
