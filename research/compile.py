@@ -98,6 +98,7 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
   """{collective: (count, bytes of their results)} in a compiled module's text. Asynchronous
   pairs count once (their -start); a tuple result counts its largest element."""
   out = {}
+  hlo = re.sub(r'/\*.*?\*/', '', hlo)  # Comments such as /*index=5*/ in tuple shapes.
   pattern = re.compile(r'=\s*(\(?[^=]*?\)?)\s+(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
   for shape_text, name, _ in pattern.findall(hlo):
     sizes = [math.prod(int(d) for d in dims.split(',') if d) * max(int(bits or 8) // 8, 1)
@@ -136,17 +137,22 @@ class Report:
   hbm: float
   floor: float
   compiled_flops: float
-  flops_counted: str  # How compiled_flops was counted (see `compile_step`).
+  flops_counted: str  # How compiled_flops and bytes_accessed were counted (see `compile_step`).
+  bytes_accessed: float  # HBM traffic by XLA's cost model.
   model_flops: float
   peak: float
+  bandwidth: float  # HBM bytes/s.
   collectives: dict[str, tuple[int, int]]
   compile_seconds: float
 
   @property
   def step_seconds(self) -> float:
-    """Projected time of a micro-step, compute-bound at the chip's bf16 peak: a lower bound
-    (the model's FLOPs when they exceed the count, e.g. in Pallas kernels XLA does not see)."""
-    return max(self.compiled_flops, self.model_flops) / self.peak
+    """Projected time of a micro-step by the roofline: its FLOPs (the compiled count, or the
+    model's where larger: XLA does not see inside Pallas kernels such as splash attention) at the
+    chip's bf16 peak, or its HBM traffic at the chip's bandwidth, whichever takes longer. A lower
+    bound: collectives are given no time."""
+    flops = max(self.compiled_flops, self.model_flops)
+    return max(flops / self.peak, self.bytes_accessed / self.bandwidth)
 
   @property
   def mfu(self) -> float:
@@ -168,8 +174,11 @@ class Report:
             f'| analytic floor | {self.floor / GIB:.3f} (total / floor {self.total / self.floor:.2f}) |',
             f'FLOPs per chip per micro-step: compiled {self.compiled_flops:.3g} '
             f'({self.flops_counted}), model (6N + attention) {self.model_flops:.3g}',
-            f'projected micro-step >= {self.step_seconds * 1e3:.1f} ms at {self.peak / 1e12:.0f} '
-            f'TFLOP/s bf16 (compute-bound): MFU <= {self.mfu:.1%}',
+            (f'projected micro-step >= {self.step_seconds * 1e3:.1f} ms (roofline at '
+             f'{self.peak / 1e12:.0f} TFLOP/s bf16 and {self.bandwidth / 1e9:.0f} GB/s HBM; '
+             f'{self.bytes_accessed / GIB:.1f} GiB accessed): MFU <= {self.mfu:.1%}'
+             if self.flops_counted != LOOPS_ONCE else
+             'projected step time and MFU: add --count_flops (the count misses loop trips)'),
             'collectives: ' + (', '.join(f'{k} {n} ({b / GIB:.3f} GiB)' for k, (n, b) in
                                          sorted(self.collectives.items())) or 'none')]
     return '\n'.join(rows)
@@ -177,6 +186,7 @@ class Report:
 
 # XLA's cost analysis counts a loop's body once: the scanned layers, and the windowed einsums
 # (collective matmuls) XLA:TPU builds for sharded matmuls. These options turn the latter off.
+LOOPS_ONCE = 'loop bodies once; --count_flops counts every trip'
 NO_WINDOWED_EINSUMS = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
                        'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False}
 
@@ -195,6 +205,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, num_slices: i
     unrolled.model.scan_layers = False
     counted = _compile(unrolled, topology, num_slices, NO_WINDOWED_EINSUMS)
     report.compiled_flops = counted.compiled_flops
+    report.bytes_accessed = counted.bytes_accessed
     report.flops_counted = 'counted unrolled, windowed einsums off'
   return report
 
@@ -204,7 +215,8 @@ def _compile(config: ml_collections.ConfigDict, topology: str, num_slices: int,
   devices, chips = topology_devices(topology, num_slices)
   kind = devices[0].device_kind
   per_chip = len(devices) / chips  # libtpu describes a v4 chip as 2 devices.
-  hbm, peak = perf.chip_hbm(kind) / per_chip, perf.datasheet_peak(kind) / per_chip
+  (hbm, bandwidth), peak = perf.chip_hbm(kind), perf.datasheet_peak(kind)
+  hbm, bandwidth, peak = hbm / per_chip, bandwidth / per_chip, peak / per_chip
   try:
     mesh = parallel.make_mesh(config.mesh, devices)
   except UserError as e:
@@ -276,7 +288,8 @@ def _compile(config: ml_collections.ConfigDict, topology: str, num_slices: int,
       chips=len(devices), mesh=dict(mesh.shape), params=params, opt_state=opt_state,
       temporaries=memory.temp_size_in_bytes, total=total, hbm=hbm, floor=floor,
       compiled_flops=float(cost.get('flops', 0.0)),
-      flops_counted='loop bodies once; --count_flops counts them all' if loops else 'no loops',
+      bytes_accessed=float(cost.get('bytes accessed', 0.0)), bandwidth=bandwidth,
+      flops_counted=LOOPS_ONCE if loops else 'no loops',
       model_flops=model_flops, peak=peak, collectives=collectives(hlo), compile_seconds=seconds)
 
 

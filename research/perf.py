@@ -18,11 +18,12 @@ KNOWN_PEAKS = (
     ('TPU v5p', 459e12), ('TPU v5', 459e12), ('TPU v4', 275e12),
     ('H200', 989e12), ('H100', 989e12), ('A100', 312e12),
 )
-# HBM GiB per chip, from the same data sheets, matched the same way (TPU v5 lite = v5e, v6 lite =
-# v6e, v5 = v5p; the A100's 80 GB model).
-KNOWN_HBM_GIB = (
-    ('TPU v6 lite', 32), ('TPU v6e', 32), ('TPU v5 lite', 16), ('TPU v5e', 16), ('TPU v5p', 95),
-    ('TPU v5', 95), ('TPU v4', 32), ('H200', 141), ('H100', 80), ('A100', 80),
+# HBM per chip (GiB, bytes/s), from the same data sheets, matched the same way (TPU v5 lite =
+# v5e, v6 lite = v6e, v5 = v5p; the H100 SXM, the A100's 80 GB model).
+KNOWN_HBM = (
+    ('TPU v6 lite', 32, 1640e9), ('TPU v6e', 32, 1640e9), ('TPU v5 lite', 16, 819e9),
+    ('TPU v5e', 16, 819e9), ('TPU v5p', 95, 2765e9), ('TPU v5', 95, 2765e9),
+    ('TPU v4', 32, 1228e9), ('H200', 141, 4800e9), ('H100', 80, 3350e9), ('A100', 80, 2039e9),
 )
 
 
@@ -123,9 +124,10 @@ def datasheet_peak(kind: str) -> Optional[float]:
   return next((peak for name, peak in KNOWN_PEAKS if name in kind), None)
 
 
-def chip_hbm(kind: str) -> Optional[float]:
-  """The data sheet's HBM bytes of one chip of `kind` (jax.Device.device_kind), or None."""
-  return next((gib * 2.0**30 for name, gib in KNOWN_HBM_GIB if name in kind), None)
+def chip_hbm(kind: str) -> tuple[float, float] | None:
+  """The data sheet's (HBM bytes, HBM bytes/s) of one chip of `kind` (jax.Device.device_kind),
+  or None."""
+  return next(((gib * 2.0**30, bw) for name, gib, bw in KNOWN_HBM if name in kind), None)
 
 
 def peak_flops() -> tuple[float, str]:
