@@ -179,8 +179,9 @@ class Report:
              f'{self.bytes_accessed / GIB:.1f} GiB accessed): MFU <= {self.mfu:.1%}'
              if self.flops_counted != LOOPS_ONCE else
              'projected step time and MFU: add --count_flops (the count misses loop trips)'),
-            'collectives: ' + (', '.join(f'{k} {n} ({b / GIB:.3f} GiB)' for k, (n, b) in
-                                         sorted(self.collectives.items())) or 'none')]
+            'collectives' + (' (each loop body once)' if self.flops_counted != 'no loops' else '')
+            + ': ' + (', '.join(f'{k} {n} ({b / GIB:.3f} GiB)'
+                                for k, (n, b) in sorted(self.collectives.items())) or 'none')]
     return '\n'.join(rows)
 
 
