@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from research.errors import UserError
@@ -66,9 +67,11 @@ def activation_sharding(mesh: Mesh):
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] = None) -> Mesh:
   """A mesh over all devices (or `devices`, e.g. a TPU topology's to compile for) with the
-  `mesh.*` axis sizes; one size may be -1 (the rest)."""
+  `mesh.*` axis sizes; one size may be -1 (the rest). Devices in several TPU slices (multislice,
+  joined by the data-centre network) split `data` across the slices and the rest within each."""
   sizes = [cfg[a] for a in AXES]
-  n = jax.device_count() if devices is None else len(devices)
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise UserError(f'mesh sizes {dict(zip(AXES, sizes))} must be >= 1, with at most one -1.')
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -80,9 +83,18 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Optional[Sequence[Any]] =
   if int(np.prod(sizes)) != n:
     raise UserError(f'mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices but '
                     f'{n} are present; make the product of mesh.* equal {n} (or use -1).')
-  # Auto axes: XLA propagates shardings through the model; only params and batches are pinned.
-  return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
-                       devices=devices)
+  # Auto axes: XLA propagates shardings through the model; params, batches and the activations
+  # the model names (ACTIVATION_RULES) are pinned.
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=auto, devices=devices)
+  if sizes[0] % slices:
+    raise UserError(f'{slices} TPU slices need mesh.data={sizes[0]} to be a multiple of {slices} '
+                    '(data parallelism runs across slices); set mesh.data accordingly.')
+  grid = mesh_utils.create_hybrid_device_mesh(
+      (sizes[0] // slices, *sizes[1:]), (slices,) + (1,) * (len(AXES) - 1), devices)
+  return Mesh(grid, AXES, axis_types=auto)
 
 
 def path_str(path) -> str:

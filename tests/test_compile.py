@@ -141,3 +141,19 @@ def test_gpt2_fsdp_keeps_data_parallel_activations_and_flops():
   assert fsdp.temporaries <= 1.2 * data.temporaries
   assert fsdp.compiled_flops <= 1.1 * data.compiled_flops
   assert fsdp.total <= 1.3 * fsdp.floor
+
+
+def test_multislice_runs_data_parallelism_across_slices():
+  """Two v5e-4 slices: `data` spans the slices (each data index on one slice), fsdp stays within;
+  a `data` that the slices do not divide is one line."""
+  from research import parallel  # pylint: disable=g-import-not-at-top
+  c = tiny('pretrain_small', data=2, fsdp=4)
+  devices, chips = compile_lib.topology_devices('v5e-4', num_slices=2)
+  mesh = parallel.make_mesh(c.mesh, devices)
+  assert chips == 8 and mesh.shape['data'] == 2
+  for i in range(2):
+    assert {d.slice_index for d in mesh.devices[i].flat} == {i}
+  assert compile_lib.compile_step(c, 'v5e-4', num_slices=2).fits
+  c.mesh.update(data=1, fsdp=8)
+  with pytest.raises(UserError, match='multiple of 2'):
+    compile_lib.compile_step(c, 'v5e-4', num_slices=2)
