@@ -123,6 +123,17 @@ def saved_activation_bytes(m: ModelConfig, rows: int, seq: int, tensor: int) -> 
   return float(m.num_layers * rows * seq * per_token * itemsize)
 
 
+def activation_floor(m: ModelConfig, train: ml_collections.ConfigDict, mesh: Any,
+                     rows: int) -> float:
+  """Bytes per chip of the activations a micro-batch of `rows` sequences must keep: those the
+  remat policy saves (`saved_activation_bytes`) and one chunk of float32 logits and their
+  gradient (train.loss_chunk positions, or the whole sequence)."""
+  rows_per_chip = rows // (mesh.shape['data'] * mesh.shape['fsdp'])
+  chunk = train.loss_chunk or train.seq_len
+  logits = 2 * rows_per_chip * chunk * math.ceil(m.vocab_size / mesh.shape['tensor']) * 4
+  return saved_activation_bytes(m, rows_per_chip, train.seq_len, mesh.shape['tensor']) + logits
+
+
 @dataclasses.dataclass
 class Report:
   """What one chip of the slice holds and does per micro-step (sizes in bytes)."""
@@ -273,13 +284,8 @@ def _compile(config: ml_collections.ConfigDict, topology: str, num_slices: int,
   opt_state = _bytes_per_device(state.opt_state)
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
-  seq = t.seq_len
-  chunk = t.loss_chunk or seq
-  logits = 2 * (rows // shards) * chunk * math.ceil(vocab / mesh.shape['tensor']) * 4
-  floor = (params + _bytes_per_device(state.params) + opt_state
-           + saved_activation_bytes(model_cfg, rows // shards, seq, mesh.shape['tensor'])
-           + logits)
+  floor = params + _bytes_per_device(state.params) + opt_state + activation_floor(
+      model_cfg, t, mesh, rows)
   tokens = task.tokens_per_step / t.grad_accum_steps
   model_flops = task.flops_per_token(abstract.params) * tokens / len(devices)
   hlo = compiled.as_text()
