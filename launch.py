@@ -67,11 +67,14 @@ def with_config_file(argv: list[str]) -> list[str]:
       name = arg.split('=', 1)[1]
     elif arg == '--experiment' and i + 1 < len(argv):
       name = argv[i + 1]
+    elif arg == '--config' or arg.startswith('--config='):
+      fail('--config takes no file: name an experiment with --experiment=NAME (a file '
+           'experiments/NAME.py) and override its keys with --config.section.key=value.')
   if name is None:
     if any(a.startswith('--help') or a == '-h' for a in argv):
       return argv
     fail(f'give --experiment=NAME; known experiments: {", ".join(known_experiments())}')
-  if not (EXPERIMENTS / f'{name}.py').is_file():
+  if name not in known_experiments():  # Names only: no paths, no experiments/__init__.py.
     fail(f'unknown experiment {name!r}; known experiments: {", ".join(known_experiments())}')
   return [argv[0], f'--config={EXPERIMENTS / name}.py'] + argv[1:]
 

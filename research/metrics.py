@@ -1,6 +1,7 @@
 """Metrics: JSONL + TensorBoard writers, the progress line and the loss-curve plot."""
 
 import json
+import math
 import os
 import time
 from typing import Mapping, Optional, Sequence
@@ -13,10 +14,12 @@ import tensorboardX
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a metrics.jsonl, a value written as null (not finite) read as NaN."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return [{k: float('nan') if v is None else v for k, v in json.loads(line).items()}
+            for line in f if line.strip()]
 
 
 class MetricsWriter:
@@ -43,8 +46,10 @@ class MetricsWriter:
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    record = {'step': step, **{k: float(v) for k, v in metrics.items()}}
-    self.file.write(json.dumps(record) + '\n')
+    # Strict JSON: a value that is not finite (a diverging run's) is written as null.
+    record = {'step': step, **{k: float(v) if math.isfinite(float(v)) else None
+                               for k, v in metrics.items()}}
+    self.file.write(json.dumps(record, allow_nan=False) + '\n')
     self.file.flush()
     for k, v in metrics.items():
       self.tb.add_scalar(k, float(v), step)

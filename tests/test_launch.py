@@ -71,6 +71,9 @@ def test_validate_checks_schedules_and_the_earlier_stages_up_front(section, key,
 
 @pytest.mark.parametrize('args, words', [
     (['--experiment=pretrain_smal'], ['unknown experiment', 'pretrain_small']),
+    (['--experiment=../launch'], ['unknown experiment', "'../launch'"]),
+    (['--experiment=__init__'], ['unknown experiment', 'pretrain_small']),
+    (['--experiment=pretrain_small', '--config=launch.py'], ['--config takes no file']),
     (['--experiment=pretrain_small', '--config.train.stepz=3'], ['stepz', 'steps']),
     (['--experiment=pretrain_small', '--config.train.steps=ten'], ['train.steps', 'ten']),
     (['--experiment=pretrain_small', '--config.model.num_heads=5'], ['not divisible', 'num_heads']),

@@ -430,3 +430,20 @@ def test_prefetcher_builds_each_batch_once_the_next_in_its_thread():
       batches.get((9, 0), None)
   assert built == [((0, 1), True), ((1, 0), True), ((2, 0), True), ((5, 0), False),
                    ((9, 0), True)]
+
+
+def test_metrics_jsonl_is_strict_json_when_values_diverge(tmp_path):
+  """A value that is not finite is written as null (strict parsers reject Infinity and NaN) and
+  read back as NaN; TensorBoard keeps the float."""
+  import json
+  from research import metrics as metrics_lib
+  writer = metrics_lib.MetricsWriter(str(tmp_path))
+  writer.write(1, {'train/loss': 2.5, 'train/grad_norm': float('inf'), 'eval/loss': float('nan')})
+  writer.close()
+  def strict(constant):
+    raise ValueError(f'not strict JSON: {constant}')
+  line = (tmp_path / 'metrics.jsonl').read_text().strip()
+  assert json.loads(line, parse_constant=strict) == {
+      'step': 1, 'train/loss': 2.5, 'train/grad_norm': None, 'eval/loss': None}
+  (record,) = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert record['train/loss'] == 2.5 and np.isnan(record['train/grad_norm'])
