@@ -202,6 +202,16 @@ def sample_rows(rows: dict[str, np.ndarray], batch_size: int, seed: int, step: i
   return {k: v[idx] for k, v in rows.items()}
 
 
+def row_batches(train_rows: dict[str, np.ndarray], held_rows: dict[str, np.ndarray],
+                batch_size: int, seed: int, num_eval: int
+                ) -> tuple[Callable[[int, int, slice], dict[str, np.ndarray]],
+                           list[dict[str, np.ndarray]]]:
+  """A stage's batches of rows: (train_batch(step, micro, part) by `sample_rows`, the first
+  `num_eval` held-out batches by `fixed_batches`), each of `batch_size` rows."""
+  return (lambda step, micro, part: sample_rows(train_rows, batch_size, seed, step, micro, part),
+          fixed_batches(held_rows, num_eval, batch_size))
+
+
 def fixed_batches(rows: dict[str, np.ndarray], num_batches: int,
                   batch_size: int) -> list[dict[str, np.ndarray]]:
   """Up to `num_batches` consecutive batches of the first rows (fewer when rows run out)."""

@@ -65,13 +65,14 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, init_params,
     loss, metrics = loss_fn(params, batch, None)
     return {'loss': loss, **metrics}
 
+  train_batch, eval_batches = sft_data.row_batches(train_rows, held_rows, micro_batch,
+                                                    config.seed, t.eval_batches)
   return loop.Task(
       init_params=init_params,
       loss_fn=loss_fn,
       eval_fn=eval_fn,
-      train_batch=lambda step, micro, rows: sft_data.sample_rows(
-          train_rows, micro_batch, config.seed, step, micro, rows),
-      eval_batches=sft_data.fixed_batches(held_rows, t.eval_batches, micro_batch),
+      train_batch=train_batch,
+      eval_batches=eval_batches,
       tokens_per_step=t.batch_size * 2 * t.seq_len,
       flops_per_token=lambda params: perf.train_flops_per_token(
           params, config.model.num_layers, config.model.d_model, t.seq_len))

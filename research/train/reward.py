@@ -215,14 +215,14 @@ def make_task(config: ml_collections.ConfigDict, model: ScalarLM, init_params,
     loss, metrics = pair_metrics(pair_scores(model, params, batch))
     return {'loss': loss, **metrics}
 
+  train_batch, eval_batches = sft_data.row_batches(
+      train_rows, held_rows, micro_batch, config.seed, len(held_rows['tokens']) // micro_batch)
   return loop.Task(
       init_params=init_params,
       loss_fn=loss_fn,
       eval_fn=eval_fn,
-      train_batch=lambda step, micro, rows: sft_data.sample_rows(
-          train_rows, micro_batch, config.seed, step, micro, rows),
-      eval_batches=sft_data.fixed_batches(held_rows, len(held_rows['tokens']) // micro_batch,
-                                          micro_batch),
+      train_batch=train_batch,
+      eval_batches=eval_batches,
       tokens_per_step=t.batch_size * 2 * t.seq_len,
       flops_per_token=lambda params: perf.train_flops_per_token(
           params['lm'], config.model.num_layers, config.model.d_model, t.seq_len))

@@ -113,13 +113,14 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
     init_params, frozen = lambda key: lora.init(key, base, lc.rank, lc.targets), base
   flops = perf.train_flops_per_token(base, config.model.num_layers, config.model.d_model,
                                      t.seq_len, config.model.moe_top_k / config.model.num_experts)
+  train_batch, eval_batches = sft_data.row_batches(train_rows, held_out_rows, micro_batch,
+                                                    config.seed, t.eval_batches)
   return loop.Task(
       init_params=init_params,
       loss_fn=loss_fn,
       eval_fn=eval_fn,
-      train_batch=lambda step, micro, rows: sft_data.sample_rows(
-          train_rows, micro_batch, config.seed, step, micro, rows),
-      eval_batches=sft_data.fixed_batches(held_out_rows, t.eval_batches, micro_batch),
+      train_batch=train_batch,
+      eval_batches=eval_batches,
       tokens_per_step=t.batch_size * t.seq_len,
       flops_per_token=lambda params: flops,
       batch_weight=pretrain.target_tokens,
