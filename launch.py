@@ -21,13 +21,16 @@ flags.DEFINE_string('experiment', None, 'Experiment name: a file experiments/NAM
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and samples go '
                     '(default runs/NAME).')
 flags.DEFINE_enum('mode', 'train', ['train', 'generate', 'chat', 'tokenize', 'sweep',
-                                    'sweep_report', 'analyze_embeddings', 'compile'],
+                                    'sweep_report', 'analyze_embeddings', 'compile', 'export_hf'],
                   'train (or resume); generate from --prompt or chat (reads stdin lines) with the '
                   'latest checkpoint; tokenize: a tokenizer report on the val split; sweep: run '
                   'the experiment\'s sweep() points in WORKDIR/sweep/ and report; sweep_report: '
                   'the table and plots of the points so far; analyze_embeddings: see --words; '
                   'compile: compile the train step for --topology (a TPU slice) on this host and '
-                  'report memory, FLOPs and collectives per chip (needs libtpu, not a TPU).')
+                  'report memory, FLOPs and collectives per chip (needs libtpu, not a TPU); '
+                  'export_hf: write the run in --workdir (LoRA merged) as a Hugging Face model '
+                  'directory --out. --workdir=hf:DIR reads a Hugging Face model directory.')
+flags.DEFINE_string('out', None, 'export_hf: the directory to write (must not exist).')
 flags.DEFINE_string('topology', 'v5e-16', 'compile: the TPU slice, e.g. v5e-16, v4-8, v5p-128, '
                     'v6e-64, or a chip grid (v5e:4x4).')
 flags.DEFINE_integer('num_slices', 1, 'compile: slices joined over the data-centre network.')
@@ -151,6 +154,15 @@ def main(argv: list[str]) -> None:
     from research.analysis import embeddings  # pylint: disable=g-import-not-at-top
     print(embeddings.analyze_workdir(workdir, FLAGS.words, FLAGS.analogy, FLAGS.direction))
 
+  def export_hf():
+    from research import hf  # pylint: disable=g-import-not-at-top
+    if not FLAGS.out:
+      raise UserError('--mode=export_hf needs --out=DIR, a new directory to write the model to.')
+    _, tok, model, params = pretrain.load_trained(workdir)
+    model_type = hf.save(FLAGS.out, model.cfg, params, tok)
+    print(f'wrote {FLAGS.out} ({model_type}); load it with transformers: '
+          f'AutoModelForCausalLM.from_pretrained({FLAGS.out!r})')
+
   def compile_step():
     from research import compile as compile_lib  # pylint: disable=g-import-not-at-top
     compile_lib.compile_main(config, FLAGS.topology, FLAGS.num_slices, FLAGS.count_flops)
@@ -166,8 +178,10 @@ def main(argv: list[str]) -> None:
       'sweep_report': lambda: run_sweep(workdir),
       'analyze_embeddings': analyze_embeddings,
       'compile': compile_step,
+      'export_hf': export_hf,
   }
   try:
+    config = config_lib.with_imported_model(config)
     config_lib.validate(config)
     modes[FLAGS.mode]()
   except UserError as e:

@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from research import hf
 from research import tokenizers
 from research.data import synthetic
 from research.errors import UserError
@@ -30,6 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
   fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)
             if f.name not in NOT_CONFIG_KEYS}
   c.model = ml_collections.ConfigDict(fields)
+  # The embedding's rows; 0 = the tokenizer's vocabulary (imported models may have more rows).
+  c.model.vocab_size = 0
   c.train = ml_collections.ConfigDict(dict(
       steps=1000,
       batch_size=32,  # Sequences per optimiser step (over all devices and micro-batches).
@@ -54,7 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
       eval_batches=8,
       checkpoint_every=500,
       keep_checkpoints=3,
-      init_from='',  # Another run's workdir: start from its latest weights and its tokenizer.
+      # Another run's workdir, or hf:DIR (a Hugging Face model directory, research/hf.py, which
+      # also sets model.* and tokenizer.*): start from its latest weights and its tokenizer.
+      init_from='',
   ))
   # Supervised fine-tuning (research/train/sft.py).
   c.sft = ml_collections.ConfigDict(dict(
@@ -144,7 +149,27 @@ STAGE_FAMILIES = {'mlm': 'encoder', 'seq2seq': 'encoder_decoder'}
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  return ModelConfig(vocab_size=vocab_size, **config.model.to_dict())
+  """The ModelConfig of `config.model` for a tokenizer of `vocab_size` ids (model.vocab_size, when
+  set, gives the embedding's rows instead and must hold them)."""
+  fields = config.model.to_dict()
+  rows = fields.pop('vocab_size', 0)
+  if rows and rows < vocab_size:
+    raise UserError(f'the tokenizer has {vocab_size} ids but the embedding model.vocab_size={rows} '
+                    'rows; use the tokenizer the model was trained with.')
+  return ModelConfig(vocab_size=rows or vocab_size, **fields)
+
+
+def with_imported_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config`, with model.* and tokenizer.* those of the Hugging Face model that
+  train.init_from='hf:DIR' names (COMPUTE_MODEL_KEYS stay as set); unchanged for other runs."""
+  source = config.train.init_from
+  if not hf.is_hf(source):
+    return config
+  config = config.copy_and_resolve_references()
+  keys = hf.model_keys(hf.hf_dir(source))
+  config.model.update({k: v for k, v in keys.items() if k not in COMPUTE_MODEL_KEYS})
+  config.tokenizer.update(kind='hf', path=os.path.abspath(hf.hf_dir(source)))
+  return config
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -230,6 +255,9 @@ FIXED_SECTIONS = ('model', 'tokenizer', 'data')
 # Keys of those sections that say how to compute, not what: free to change (and absent from
 # workdirs made before they existed).
 FREE_KEYS = (('model', 'attention'), ('model', 'remat'), ('model', 'dtype'))
+# Model keys that change neither the shapes nor the meaning of the weights: free to differ from
+# the run a run starts from (train.init_from).
+COMPUTE_MODEL_KEYS = ('dropout', 'dtype', 'param_dtype', 'attention', 'remat', 'scan_layers')
 # Mesh axes that shard parameters (research/parallel.py).
 PARAM_AXES = ('fsdp', 'tensor', 'expert')
 
@@ -250,10 +278,11 @@ def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   if os.path.exists(path) and set(os.listdir(workdir)) - {'config.json'}:
     with open(path) as f:
       saved = json.load(f)
-    current = json.loads(config.to_json())
-    diffs = [f'{s}.{k}: {saved.get(s, {}).get(k)!r} there, {v!r} now'
-             for s in FIXED_SECTIONS for k, v in current[s].items()
-             if saved.get(s, {}).get(k) != v and (s, k) not in FREE_KEYS]
+    current, defaults = json.loads(config.to_json()), json.loads(default_config().to_json())
+    # A key the saved config lacks predates it: it held the key's default then.
+    was = lambda s, k: saved.get(s, {}).get(k, defaults[s].get(k))
+    diffs = [f'{s}.{k}: {was(s, k)!r} there, {v!r} now' for s in FIXED_SECTIONS
+             for k, v in current[s].items() if was(s, k) != v and (s, k) not in FREE_KEYS]
     layouts = [('per parameter', 'flat')[flat_optimizer(c)] for c in (saved, current)]
     if layouts[0] != layouts[1]:  # Its checkpoints would not restore.
       diffs.append(f'optimizer state {layouts[0]} there, {layouts[1]} now (train.flatten_optimizer '

@@ -47,7 +47,7 @@ def generate_main(workdir: str, prompt: str | None, sampling: ml_collections.Con
   if model.cfg.family == 'encoder_decoder':
     prompts, sources = [[tok.bos_id]], [tok.encode(prompt)]
   else:
-    prompts, sources = [[tok.bos_id] + tok.encode(prompt)], None
+    prompts, sources = [tok.encode(prompt, add_bos=True)], None
   sampling = within_max_len(sampling, len(prompts[0]), model.cfg.max_len)
   new = decoding.generate(model, params, tok, prompts, sampling, jax.random.key(seed), sources)[0]
   text = tok.decode(new)

@@ -1,9 +1,12 @@
-"""Tokenizers: char, word, byte and SentencePiece behind one interface.
+"""Tokenizers: char, word, byte, SentencePiece and Hugging Face behind one interface.
 
-Every kind puts the same ten special tokens first (`SPECIAL_TOKENS`, ids
-0..9), so models, data pipelines and chat formats never depend on the kind.
-Special tokens written literally in text stay plain text; only
-`apply_chat_template` inserts them.
+The kinds trained here put the same ten special tokens first (`SPECIAL_TOKENS`,
+ids 0..9), so models, data pipelines and chat formats never depend on the kind;
+special tokens written literally in text stay plain text; only
+`apply_chat_template` inserts them. A Hugging Face tokenizer (kind 'hf': a
+tokenizer.json and tokenizer_config.json) keeps its own ids, specials and Jinja
+chat template, and encodes as the `tokenizers` library does; its bos_id may be
+None (Qwen has none). `save_hf` writes a tokenizer transformers loads.
 
   tok = train_tokenizer(default_config(), texts)  # or load_tokenizer(directory)
   ids = tok.encode("def f(x):\n  return x\n", add_eos=True)
@@ -12,16 +15,21 @@ Special tokens written literally in text stay plain text; only
 
 import abc
 import collections
+import datetime
+import functools
 import io
 import itertools
 import json
 import os
 import re
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
+import jinja2
+from jinja2 import sandbox
 import ml_collections
 import numpy as np
 import sentencepiece as spm
+import tokenizers as hf_tokenizers
 
 from research.errors import UserError
 
@@ -35,12 +43,14 @@ _THREADS = os.cpu_count() or 1
 def default_config() -> ml_collections.ConfigDict:
   """The `tokenizer` section of an experiment config, with its defaults."""
   return ml_collections.ConfigDict(dict(
-      kind='char',  # char | word | byte | sentencepiece
-      vocab_size=4096,  # Max vocab including specials; byte ignores it (266).
+      kind='char',  # char | word | byte | sentencepiece | hf
+      vocab_size=4096,  # Max vocab including specials; byte and hf ignore it.
       model_type='bpe',  # sentencepiece only: bpe | unigram
       character_coverage=0.9995,
       byte_fallback=True,
-      path='',  # An existing SentencePiece .model to load instead of training.
+      # sentencepiece: an existing .model to load instead of training; hf: the directory of a
+      # tokenizer.json and tokenizer_config.json (set by train.init_from=hf:DIR).
+      path='',
       max_train_chars=3_000_000,  # SentencePiece trains on a sample this big.
   ))
 
@@ -107,7 +117,8 @@ class Tokenizer(abc.ABC):
              add_eos: bool = False) -> list[int]:
     """Ids of `text`, optionally framed by bos/eos."""
     ids = self._encode(text)
-    return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
+    return ([self.bos_id] * (add_bos and self.bos_id is not None) + ids
+            + [self.eos_id] * add_eos)
 
   def encode_batch(self, texts: Sequence[str], length: int,
                    add_bos: bool = False, add_eos: bool = False,
@@ -119,6 +130,7 @@ class Tokenizer(abc.ABC):
     keep its end); `truncate=False` raises instead.
     """
     _check_texts(texts, 'encode_batch')
+    add_bos = add_bos and self.bos_id is not None
     if length < 1:
       raise UserError(f'encode_batch: length={length}; expected a positive '
                       f'number of tokens per row.')
@@ -190,6 +202,26 @@ class Tokenizer(abc.ABC):
       ids += [self.role_ids[role]] + self._encode(content)
       ids += [self.eos_id] * (role == 'assistant')
     return ids + [self.role_ids['assistant']] * add_generation_prompt
+
+  def save_hf(self, directory: str) -> None:
+    """Writes tokenizer.json and tokenizer_config.json as transformers reads them (the same
+    ids, and a Jinja chat template rendering `apply_chat_template`'s format)."""
+    raise UserError(f'a {self.kind} tokenizer has no Hugging Face form here (char, byte and hf '
+                    'tokenizers do); train the run with one of those to export it.')
+
+  def _save_hf(self, directory: str, tokenizer: hf_tokenizers.Tokenizer) -> None:
+    """save_hf of `tokenizer` (our ids) with our specials and chat format."""
+    tokenizer.add_special_tokens([hf_tokenizers.AddedToken(t, special=True)
+                                  for t in SPECIAL_TOKENS])
+    tokenizer.save(os.path.join(directory, 'tokenizer.json'))
+    names = ('pad', 'unk', 'bos', 'eos', 'mask', 'cls', 'sep')
+    config = {f'{n}_token': SPECIAL_TOKENS[getattr(self, f'{n}_id')] for n in names}
+    config.update(tokenizer_class='PreTrainedTokenizerFast', chat_template=(
+        "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"))
+    with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
+      json.dump(config, f, indent=2)
 
   def save(self, directory: str) -> None:
     """Writes tokenizer.json (and kind-specific files) into `directory`."""
@@ -275,6 +307,15 @@ class CharTokenizer(_ListTokenizer):
 
   def _decode(self, ids):
     return ''.join(self._tokens[i] for i in ids)
+
+  def save_hf(self, directory: str) -> None:
+    """One token per character (a WordLevel model over single-character pieces)."""
+    vocab = {t: i for i, t in enumerate(self._tokens)}
+    tok = hf_tokenizers.Tokenizer(hf_tokenizers.models.WordLevel(vocab, SPECIAL_TOKENS[1]))
+    tok.pre_tokenizer = hf_tokenizers.pre_tokenizers.Split(
+        hf_tokenizers.Regex(r'[\s\S]'), 'isolated')
+    tok.decoder = hf_tokenizers.decoders.Fuse()
+    self._save_hf(directory, tok)
 
 
 # Ideographs and kana: one word per character.
@@ -377,6 +418,16 @@ class ByteTokenizer(Tokenizer):
     if i < _NUM_SPECIAL:
       return SPECIAL_TOKENS[i]
     return f'<0x{i - _NUM_SPECIAL:02X}>'
+
+  def save_hf(self, directory: str) -> None:
+    """A BPE with no pieces but the 256 byte tokens '<0xXX>': every character falls back to
+    its UTF-8 bytes."""
+    vocab = {**_SPECIAL_IDS, **{self.id_to_token(i): i for i in range(_NUM_SPECIAL,
+                                                                        self.vocab_size)}}
+    tok = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE(vocab, [], byte_fallback=True))
+    tok.decoder = hf_tokenizers.decoders.Sequence([hf_tokenizers.decoders.ByteFallback(),
+                                                   hf_tokenizers.decoders.Fuse()])
+    self._save_hf(directory, tok)
 
   def token_to_id(self, token: str) -> int:
     if token in _SPECIAL_IDS:
@@ -547,8 +598,153 @@ class SentencePieceTokenizer(Tokenizer):
     return cls.from_file(os.path.join(directory, 'tokenizer.model'))
 
 
+@functools.cache
+def _jinja() -> sandbox.ImmutableSandboxedEnvironment:
+  """The Jinja environment chat templates are rendered in, set up as transformers sets up its
+  own: blocks trimmed, loop controls, a tojson that keeps non-ASCII, raise_exception and
+  strftime_now."""
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                              extensions=['jinja2.ext.loopcontrols'])
+  env.filters['tojson'] = lambda x, ensure_ascii=False, indent=None, separators=None, \
+      sort_keys=False: json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                                  separators=separators, sort_keys=sort_keys)
+  env.globals['raise_exception'] = raise_exception
+  env.globals['strftime_now'] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  return env
+
+
+# Conversations of a tokenizer_config.json without a chat_template: the contents one after the
+# other, EOS after each assistant turn (how base models are usually fine-tuned on pairs).
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                  "{{ eos_token }}{% endif %}{% endfor %}")
+
+
+class HFTokenizer(Tokenizer):
+  """A Hugging Face fast tokenizer: tokenizer.json (the `tokenizers` library) with the special
+  tokens and Jinja `chat_template` of tokenizer_config.json (or chat_template.jinja).
+
+  Ids are the file's own. Text is encoded as tokenizers' `encode(text,
+  add_special_tokens=False)` encodes it (special tokens written in the text are parsed as
+  specials, as there); `add_bos` adds the bos token where the tokenizer has one.
+  `apply_chat_template` renders the template as transformers does and encodes the result the same
+  way, so the ids equal transformers' `apply_chat_template`. pad_id is the pad token's, else
+  eos's.
+  """
+
+  kind = 'hf'
+  min_vocab_size = 1
+
+  def __init__(self, tokenizer_json: str, config: dict, where: str = 'tokenizer'):
+    self._json, self._config = tokenizer_json, config
+    self._tk = hf_tokenizers.Tokenizer.from_str(tokenizer_json)
+    self.special_tokens = {}
+    for name in ('bos', 'eos', 'unk', 'pad', 'mask', 'cls', 'sep'):
+      token = config.get(f'{name}_token')
+      token = token.get('content') if isinstance(token, dict) else token
+      if token is not None:
+        if self._tk.token_to_id(token) is None:
+          raise UserError(f'{where}: {name}_token {token!r} is not in tokenizer.json\'s '
+                          'vocabulary; fix tokenizer_config.json.')
+        self.special_tokens[f'{name}_token'] = token
+    ids = {k[:-6]: self._tk.token_to_id(t) for k, t in self.special_tokens.items()}
+    if 'eos' not in ids:
+      raise UserError(f'{where}: tokenizer_config.json names no eos_token, which ends every '
+                      'reply; add one.')
+    self.bos_id, self.eos_id, self.unk_id = ids.get('bos'), ids['eos'], ids.get('unk')
+    self.pad_id = ids.get('pad', self.eos_id)
+    self.mask_id, self.cls_id, self.sep_id = ids.get('mask'), ids.get('cls'), ids.get('sep')
+    template = config.get('chat_template') or PLAIN_TEMPLATE
+    if isinstance(template, list):  # Named templates: the default one.
+      template = {t['name']: t['template'] for t in template}.get('default', PLAIN_TEMPLATE)
+    self.chat_template = template
+    self._vocab_size = max(self._tk.get_vocab(with_added_tokens=True).values()) + 1
+
+  @classmethod
+  def from_directory(cls, directory: str) -> 'HFTokenizer':
+    """The tokenizer.json, tokenizer_config.json and chat_template.jinja of `directory`."""
+    path = os.path.join(directory, 'tokenizer.json')
+    if not os.path.isfile(path):
+      raise UserError(f'{directory} has no tokenizer.json (tokenizer.kind=hf reads fast '
+                      'tokenizers; convert a slow one with transformers: AutoTokenizer.'
+                      'from_pretrained(DIR).save_pretrained(DIR)).')
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+    config = {}
+    if os.path.isfile(os.path.join(directory, 'tokenizer_config.json')):
+      with open(os.path.join(directory, 'tokenizer_config.json'), encoding='utf-8') as f:
+        config = json.load(f)
+    if os.path.isfile(os.path.join(directory, 'chat_template.jinja')):
+      with open(os.path.join(directory, 'chat_template.jinja'), encoding='utf-8') as f:
+        config['chat_template'] = f.read()
+    try:
+      return cls(text, config, directory)
+    except Exception as e:  # tokenizers raises plain Exceptions for files it cannot parse.
+      if isinstance(e, UserError):
+        raise
+      raise UserError(f'{path} is not a tokenizer.json the tokenizers library reads ({e}).'
+                      ) from None
+
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab_size
+
+  def _encode(self, text):
+    return self._tk.encode(text, add_special_tokens=False).ids
+
+  def encode_corpus(self, texts):
+    _check_texts(texts, 'encode_corpus')
+    encoded = [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), np.int32)
+    return _append_eos(ids, [len(e) for e in encoded], self.eos_id)
+
+  def decode(self, ids, skip_special=True):
+    return self._tk.decode(self._check_ids(ids), skip_special_tokens=skip_special)
+
+  def _decode(self, ids):
+    return self._tk.decode(ids, skip_special_tokens=False)
+
+  def id_to_token(self, i: int) -> str:
+    return self._tk.id_to_token(self._check_ids([i])[0]) or ''
+
+  def token_to_id(self, token: str) -> Optional[int]:
+    i = self._tk.token_to_id(token)
+    return self.unk_id if i is None else i
+
+  def apply_chat_template(self, messages, add_generation_prompt=False):
+    for n, message in enumerate(messages):
+      if not isinstance(message.get('content'), str):
+        raise UserError(f'apply_chat_template: message {n} has content of type '
+                        f'{type(message.get("content")).__name__}; expected a str.')
+    try:
+      text = _jinja().from_string(self.chat_template).render(
+          messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+          **self.special_tokens)
+    except jinja2.TemplateError as e:
+      raise UserError(f'the chat template refused the conversation: {e}') from None
+    return self._encode(text)
+
+  def save(self, directory: str) -> None:
+    self.save_hf(directory)
+
+  def save_hf(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, 'tokenizer.json'), 'w', encoding='utf-8') as f:
+      f.write(self._json)
+    config = dict(self._config, chat_template=self.chat_template)
+    with open(os.path.join(directory, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+      json.dump(config, f, indent=2, ensure_ascii=False)
+
+  @classmethod
+  def _train(cls, cfg, texts):
+    del texts  # Loaded, never trained.
+    return cls.from_directory(cfg.path)
+
+
 _KINDS = {cls.kind: cls for cls in (CharTokenizer, WordTokenizer, ByteTokenizer,
-                                    SentencePieceTokenizer)}
+                                    SentencePieceTokenizer, HFTokenizer)}
 
 
 def _tokenizer_class(kind: str, where: str) -> type[Tokenizer]:
@@ -567,6 +763,8 @@ def train_tokenizer(cfg: ml_collections.ConfigDict,
   cls = _tokenizer_class(cfg.kind, 'train_tokenizer')
   if cls is SentencePieceTokenizer and cfg.path:
     return SentencePieceTokenizer.from_file(cfg.path)
+  if cls is HFTokenizer:
+    return HFTokenizer.from_directory(cfg.path)
   _check_texts(texts, 'train_tokenizer')
   texts = list(texts)
   if not any(texts):
@@ -586,8 +784,10 @@ def load_tokenizer(directory: str) -> Tokenizer:
     raise UserError(f'No tokenizer at {directory!r}: {path} is missing; '
                     f'expected a directory written by Tokenizer.save; check '
                     f'the path.')
-  with open(path) as f:
+  with open(path, encoding='utf-8') as f:
     state = json.load(f)
+  if 'kind' not in state and 'model' in state:  # A Hugging Face tokenizer.json.
+    return HFTokenizer.from_directory(directory)
   return _tokenizer_class(state.pop('kind'), path)._load(directory, state)
 
 

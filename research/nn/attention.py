@@ -10,7 +10,8 @@ from research.nn import kernels
 from research.nn.config import ModelConfig
 from research.nn.kernels import cpu
 from research.nn.partitioning import constrain
-from research.nn.position import apply_rope
+from research.nn.norm import Norm
+from research.nn.position import apply_rope, rope_frequencies
 
 # A self-attention layer's cache: {'k', 'v'} [batch, max_len, kv_heads, head_dim], or heads first
 # {'k_heads' [batch, kv_heads, head_dim, max_len], 'v_heads' [batch, kv_heads, max_len, head_dim]}
@@ -19,16 +20,19 @@ KVCache = dict[str, jnp.ndarray]
 
 
 def attention_mask(q_pos: jnp.ndarray, q_seg: jnp.ndarray, k_pos: jnp.ndarray,
-                   k_seg: jnp.ndarray, causal: bool) -> jnp.ndarray:
+                   k_seg: jnp.ndarray, causal: bool, window: int = 0) -> jnp.ndarray:
   """Which keys each query may see: bool [batch, 1, q_len, k_len].
 
   Segment ids say which example a token belongs to (0 = padding or an empty cache slot): a query
   sees keys of its own segment only, so packed examples never attend to each other. With `causal`,
-  a query at position p sees only keys at positions <= p.
+  a query at position p sees only keys at positions <= p; with a `window` > 0, only keys at
+  positions > p - window (sliding-window attention).
   """
   mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
   if causal:
     mask &= k_pos[:, None, :] <= q_pos[:, :, None]
+  if window:
+    mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
   return mask[:, None]
 
 
@@ -132,15 +136,22 @@ def cached_attention(q_BxTxNxH: jnp.ndarray, k_BxTxKxH: jnp.ndarray, v_BxTxKxH: 
 
 
 def dense(x: jnp.ndarray, features: int, cfg: ModelConfig, name: str,
-          scale: float = 1.0) -> jnp.ndarray:
-  """A bias-free Dense applied to the 2-D view [tokens, d] of `x` [..., d] (faster on CPU).
+          scale: float = 1.0, bias: bool = False) -> jnp.ndarray:
+  """A Dense (bias-free unless `bias`) applied to the 2-D view [tokens, d] of `x` [..., d]
+  (faster on CPU).
 
   Call it inside a compact method: the layer becomes a child of that module, named `name`.
   """
-  layer = nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+  layer = nn.Dense(features, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                    name=name, kernel_init=nn.initializers.normal(0.02 * scale),
                    dot_general=kernels.dense_dot_general(cfg) or jax.lax.dot_general)
   return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], features)
+
+
+def head_norm(cfg: ModelConfig, name: str) -> Norm:
+  """An RMSNorm over the head dimension of [batch, seq, heads, head_dim] (model.qk_norm)."""
+  return Norm(center=False, eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+              cpu_kernel=kernels.cpu_norm(cfg), name=name)
 
 
 class Attention(nn.Module):
@@ -170,23 +181,31 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     heads = ('batch', 'length', 'heads', None)
     kv_heads = ('batch', 'length', 'kv_heads', None)
-    q_BxTxNxH = constrain(dense(x, cfg.num_heads * cfg.head_dim, cfg, 'query').reshape(
-        b, t, cfg.num_heads, cfg.head_dim), heads)
+    q_BxTxNxH = constrain(dense(x, cfg.num_heads * cfg.head_dim, cfg, 'query',
+                                bias=cfg.qkv_bias).reshape(b, t, cfg.num_heads, cfg.head_dim),
+                          heads)
     if self.cross and source is None:
       if cache is None:
         raise ValueError('cross-attention needs a source or the keys/values cached from one.')
       k_BxSxKxH, v_BxSxKxH = cache['k'], cache['v']
     else:
       kv_in = source if self.cross else x
-      k_BxSxKxH = constrain(dense(kv_in, cfg.kv_heads * cfg.head_dim, cfg, 'key').reshape(
-          b, kv_in.shape[1], cfg.kv_heads, cfg.head_dim), kv_heads)
-      v_BxSxKxH = constrain(dense(kv_in, cfg.kv_heads * cfg.head_dim, cfg, 'value').reshape(
-          k_BxSxKxH.shape), kv_heads)
+      k_BxSxKxH = constrain(dense(kv_in, cfg.kv_heads * cfg.head_dim, cfg, 'key',
+                                  bias=cfg.qkv_bias).reshape(
+                                      b, kv_in.shape[1], cfg.kv_heads, cfg.head_dim), kv_heads)
+      v_BxSxKxH = constrain(dense(kv_in, cfg.kv_heads * cfg.head_dim, cfg, 'value',
+                                  bias=cfg.qkv_bias).reshape(k_BxSxKxH.shape), kv_heads)
+      if cfg.qk_norm:
+        q_BxTxNxH = head_norm(cfg, 'query_norm')(q_BxTxNxH)
+        k_BxSxKxH = head_norm(cfg, 'key_norm')(k_BxSxKxH)
       if self.cross:
         cache = {'k': k_BxSxKxH, 'v': v_BxSxKxH}
       elif cfg.pos_encoding == 'rope':
-        q_BxTxNxH = apply_rope(q_BxTxNxH, positions, cfg.rope_base)
-        k_BxSxKxH = apply_rope(k_BxSxKxH, positions, cfg.rope_base)
+        freq = rope_frequencies(cfg.head_dim, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor,
+                                cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                cfg.rope_original_max_len)
+        q_BxTxNxH = apply_rope(q_BxTxNxH, positions, freq)
+        k_BxSxKxH = apply_rope(k_BxSxKxH, positions, freq)
     if self.cross or cache is None:
       kernel = kernels.attention(cfg, t)
       if kernel == 'splash' and (self.cross or segment_ids is None):
@@ -198,5 +217,6 @@ class Attention(nn.Module):
       out_BxTxNxH, cache = cached_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, cache,
                                             cache_index, cache_kernel(cfg))
     out_BxTxNxH = constrain(out_BxTxNxH, heads)
-    out = dense(out_BxTxNxH.reshape(b, t, -1), cfg.d_model, cfg, 'out', self.out_scale)
+    out = dense(out_BxTxNxH.reshape(b, t, -1), cfg.d_model, cfg, 'out', self.out_scale,
+                bias=cfg.out_bias)
     return constrain(out, ('batch', 'length', 'embed')), cache

@@ -11,7 +11,8 @@ CHOICES = {
     'pos_encoding': ('learned', 'sinusoidal', 'rope'),
     'norm': ('layernorm', 'rmsnorm'),
     'norm_position': ('pre', 'post'),
-    'ffn': ('relu', 'gelu', 'swiglu'),
+    'ffn': ('relu', 'gelu', 'gelu_exact', 'swiglu'),
+    'rope_scaling': ('none', 'linear', 'llama3'),
     'dtype': ('auto', 'float32', 'bfloat16'),
     'param_dtype': ('float32', 'bfloat16'),
     'attention': ('auto', 'einsum', 'xla', 'cudnn', 'splash'),
@@ -33,8 +34,18 @@ class ModelConfig:
     (Ainslie et al. 2023).
   norm: 'layernorm' (Ba et al. 2016) or 'rmsnorm' (Zhang & Sennrich 2019); norm_position 'pre'
     (GPT-2) or 'post' (the original Transformer).
-  ffn: 'relu' (original), 'gelu' (GPT/BERT, tanh approximation) or 'swiglu' (Shazeer 2020);
-    hidden width = ffn_multiplier * d_model.
+  ffn: 'relu' (original), 'gelu' (GPT-2, tanh approximation), 'gelu_exact' (erf; BERT) or
+    'swiglu' (Shazeer 2020); hidden width ffn_size, or ffn_multiplier * d_model when 0.
+  head_size: the width of one attention head; 0 means d_model / num_heads (Qwen3 sets it apart).
+  norm_eps: the epsilon under the square root of every norm (GPT-2 1e-5, Llama 1e-5 or 1e-6).
+  qkv_bias, out_bias, ffn_bias: biases on the query/key/value projections (Qwen2; GPT-2), the
+    attention output (GPT-2) and the feed-forward layers (GPT-2); off, the layers are bias-free.
+  qk_norm: an RMSNorm over each query and key head before RoPE (Qwen3; Dehghani et al. 2023).
+  rope_base: RoPE's theta. rope_scaling: 'none'; 'linear' (frequencies / rope_factor); 'llama3'
+    (Llama 3.1: wavelengths longer than rope_original_max_len / rope_low_freq_factor divided by
+    rope_factor, shorter than rope_original_max_len / rope_high_freq_factor kept, interpolated
+    in between).
+  sliding_window: > 0: a query sees only the keys of the last sliding_window positions (Mistral).
   dtype: compute dtype ('auto': bfloat16 on GPUs and TPUs, float32 elsewhere; resolved when the
     config is built); softmax and loss stay float32. param_dtype: the parameters' dtype (and so
     the optimiser's: float32 master weights with bfloat16 compute is the usual choice).
@@ -70,6 +81,19 @@ class ModelConfig:
   dropout: float = 0.0
   pos_encoding: str = 'learned'
   rope_base: float = 10000.0
+  rope_scaling: str = 'none'
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  head_size: int = 0
+  ffn_size: int = 0
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  out_bias: bool = False
+  ffn_bias: bool = False
+  qk_norm: bool = False
+  sliding_window: int = 0
   norm: str = 'layernorm'
   norm_position: str = 'pre'
   ffn: str = 'gelu'
@@ -101,17 +125,29 @@ class ModelConfig:
     for key in ('vocab_size', 'num_layers', 'num_heads', 'd_model', 'max_len'):
       if getattr(self, key) < 1:
         raise UserError(f'model.{key}={getattr(self, key)} must be >= 1.')
-    if self.d_model % self.num_heads:
+    for key in ('head_size', 'ffn_size', 'sliding_window'):
+      if getattr(self, key) < 0:
+        raise UserError(f'model.{key}={getattr(self, key)} must be >= 0 (0 = off or derived).')
+    if not self.head_size and self.d_model % self.num_heads:
       raise UserError(f'model.d_model={self.d_model} is not divisible by model.num_heads='
                       f'{self.num_heads}; pick num_heads that divides d_model.')
     if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
       raise UserError(f'model.num_kv_heads={self.num_kv_heads} must divide model.num_heads='
                       f'{self.num_heads} (0 means num_heads).')
     if self.pos_encoding == 'rope' and self.head_dim % 2:
-      raise UserError(f'RoPE needs an even head dimension, got d_model/num_heads={self.head_dim}.')
+      raise UserError(f'RoPE needs an even head dimension, got {self.head_dim}.')
+    if self.norm_eps <= 0 or self.rope_factor <= 0:
+      raise UserError(f'model.norm_eps={self.norm_eps} and model.rope_factor={self.rope_factor} '
+                      'must be > 0.')
+    if self.rope_scaling == 'llama3' and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise UserError(f'model.rope_high_freq_factor={self.rope_high_freq_factor} must be larger '
+                      f'than model.rope_low_freq_factor={self.rope_low_freq_factor}.')
     if self.attention == 'cudnn' and (self.dtype != 'bfloat16' or self.platform != 'gpu'):
       raise UserError(f"model.attention='cudnn' needs a GPU and model.dtype='bfloat16' (here: "
                       f"{self.platform}, {self.dtype}); use 'auto' or 'xla' otherwise.")
+    if self.attention == 'splash' and self.sliding_window:
+      raise UserError(f"model.attention='splash' does not take model.sliding_window="
+                      f"{self.sliding_window}; use 'auto' or 'xla'.")
     if self.attention == 'splash' and self.platform != 'tpu':
       raise UserError(f"model.attention='splash' is a TPU kernel (here: {self.platform}); use "
                       "'auto' or 'xla' otherwise.")
@@ -145,7 +181,7 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    return self.head_size or self.d_model // self.num_heads
 
   @property
   def kv_heads(self) -> int:
@@ -153,7 +189,7 @@ class ModelConfig:
 
   @property
   def ffn_dim(self) -> int:
-    return int(self.ffn_multiplier * self.d_model)
+    return self.ffn_size or int(self.ffn_multiplier * self.d_model)
 
   def is_moe_layer(self, layer: int) -> bool:
     return self.moe_every > 0 and (layer + 1) % self.moe_every == 0

@@ -20,9 +20,12 @@ class FeedForward(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     cfg = self.cfg
     pin = (lambda h: constrain(h, ('batch', 'length', 'mlp'))) if self.pin else (lambda h: h)
-    h = pin(dense(x, cfg.ffn_dim, cfg, 'wi'))
+    bias = cfg.ffn_bias
+    h = pin(dense(x, cfg.ffn_dim, cfg, 'wi', bias=bias))
     if cfg.ffn == 'swiglu':
-      h = nn.silu(pin(dense(x, cfg.ffn_dim, cfg, 'wg'))) * h
+      h = nn.silu(pin(dense(x, cfg.ffn_dim, cfg, 'wg', bias=bias))) * h
+    elif cfg.ffn == 'relu':
+      h = nn.relu(h)
     else:
-      h = nn.relu(h) if cfg.ffn == 'relu' else nn.gelu(h, approximate=True)
-    return dense(h, cfg.d_model, cfg, 'wo', self.out_scale)
+      h = nn.gelu(h, approximate=cfg.ffn == 'gelu')
+    return dense(h, cfg.d_model, cfg, 'wo', self.out_scale, bias=bias)

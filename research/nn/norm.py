@@ -8,9 +8,6 @@ import jax.numpy as jnp
 
 from research.nn.kernels import cpu
 
-EPSILON = 1e-6  # flax.linen's default.
-
-
 def normalize(x_TxD: jnp.ndarray, scale_D: jnp.ndarray, bias_D: Optional[jnp.ndarray],
               center: bool, eps: float) -> jnp.ndarray:
   """(x - mean) / sqrt(var + eps) * scale + bias over rows of x [tokens, d] (LayerNorm); without
@@ -30,8 +27,10 @@ class Norm(nn.Module):
   """LayerNorm (Ba et al. 2016) or, without `center`, RMSNorm (Zhang & Sennrich 2019) over the
   last axis of x [..., d]: statistics in float32, output in `dtype`. Parameters 'scale' [d]
   (and 'bias' [d]) as in flax.linen.LayerNorm / RMSNorm, whose values it computes. It runs on
-  the 2-D view [tokens, d]; `cpu_kernel` uses kernels/cpu.py's hand-written backward."""
+  the 2-D view [tokens, d]; `cpu_kernel` uses kernels/cpu.py's hand-written backward. `eps` is
+  added to the variance."""
   center: bool = True
+  eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   cpu_kernel: bool = False
@@ -44,4 +43,4 @@ class Norm(nn.Module):
             else None)
     x_TxD = x.reshape(-1, d).astype(jnp.promote_types(jnp.float32, x.dtype))
     fn = cpu.normalize if self.cpu_kernel else normalize
-    return fn(x_TxD, scale, bias, self.center, EPSILON).reshape(x.shape).astype(self.dtype)
+    return fn(x_TxD, scale, bias, self.center, self.eps).reshape(x.shape).astype(self.dtype)

@@ -28,7 +28,8 @@ Cache = dict[str, Any]
 
 def make_norm(cfg: ModelConfig, name: str) -> Norm:
   """LayerNorm or RMSNorm (cfg.norm), as a child `name` of the calling compact module."""
-  return Norm(center=cfg.norm == 'layernorm', dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+  return Norm(center=cfg.norm == 'layernorm', eps=cfg.norm_eps, dtype=cfg.dtype,
+              param_dtype=cfg.param_dtype,
               cpu_kernel=kernels.cpu_norm(cfg), name=name)
 
 
@@ -315,7 +316,8 @@ class DecoderLM(nn.Module):
       index = cache['index']
       k_pos = jax.lax.dynamic_update_slice_in_dim(cache['pos'], positions, index, axis=1)
       k_seg = jax.lax.dynamic_update_slice_in_dim(cache['seg'], segment_ids, index, axis=1)
-    mask = attention_mask(positions, segment_ids, k_pos, k_seg, causal=True)
+    mask = attention_mask(positions, segment_ids, k_pos, k_seg, causal=True,
+                          window=cfg.sliding_window)
 
     embed, embed_fn = embedding(cfg)
     x = nn.Dropout(cfg.dropout, deterministic=deterministic)(embed_fn(tokens, positions))

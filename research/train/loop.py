@@ -42,6 +42,10 @@ class Task:
     of optimiser step `step`, as numpy arrays.
   eval_batches: the fixed eval set. tokens_per_step: tokens one optimiser step consumes.
   flops_per_token(params) -> training FLOPs per token, for MFU.
+  start_params: the weights to start from (e.g. train.init_from's) instead of init_params(key)
+    (which then only gives their shapes): moved onto the mesh (jax.device_put; arrays already
+    placed with the parameters' shardings, see `param_shardings`, stay where they are), never
+    captured into a compiled function.
   batch_weight(batch) -> float: what loss_fn averages over in a batch of numpy rows (e.g. the
     weighted target tokens), when it varies between batches; with train.grad_accum_steps > 1 each
     micro-batch's gradient (of the whole loss_fn, MoE auxiliary losses included) then counts in
@@ -58,6 +62,7 @@ class Task:
   flops_per_token: Callable[[Params], float]
   batch_weight: Callable[[Batch], float] | None = None
   frozen: Params | None = None
+  start_params: Params | None = None
 
   def with_frozen(self, frozen: Params | None) -> dict[str, Params]:
     """The keyword arguments that pass `frozen` to loss_fn and eval_fn (none without)."""
@@ -206,6 +211,12 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
   return state.params, step
 
 
+def param_shardings(config: ml_collections.ConfigDict, abstract_params: Params) -> Params:
+  """The shardings `run` gives parameters of these shapes on config.mesh (for loading weights
+  straight into them, see Task.start_params)."""
+  return parallel.state_shardings(abstract_params, parallel.make_mesh(config.mesh))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResult:
   """Trains `task` to config.train.steps in `workdir`, resuming from its latest checkpoint."""
   mesh = parallel.make_mesh(config.mesh)
@@ -232,7 +243,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
 
   key = jax.random.key(config.seed)
   state_sharding = parallel.state_shardings(jax.eval_shape(init, key), mesh)
-  state = jax.jit(init, out_shardings=state_sharding)(key)  # Created already sharded.
+  if task.start_params is None:
+    state = jax.jit(init, out_shardings=state_sharding)(key)  # Created already sharded.
+  else:
+    params = jax.device_put(task.start_params, state_sharding.params)
+    state = TrainState(params, jax.jit(tx.init, out_shardings=state_sharding.opt_state)(params))
   frozen_sharding = parallel.state_shardings(task.frozen, mesh)
   frozen = jax.device_put(task.frozen, frozen_sharding)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)

@@ -13,6 +13,7 @@ import optax
 
 from research import config as config_lib
 from research import decoding
+from research import hf
 from research import perf
 from research import tokenizers
 from research.checkpoint import Checkpointer
@@ -153,14 +154,14 @@ def lm_fns(model: DecoderLM, loss_chunk: int = 0) -> tuple[Callable, Callable]:
 
 
 def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens: np.ndarray,
-              val_tokens: np.ndarray, init_params: Callable | None = None) -> loop.Task:
-  """The pretraining task; `init_params` (default: a fresh init) gives the starting weights."""
+              val_tokens: np.ndarray, start_params: Any = None) -> loop.Task:
+  """The pretraining task, from `start_params` (default: a fresh init)."""
   t = config.train
   micro_batch = t.batch_size // t.grad_accum_steps
   loss_fn, eval_fn = lm_fns(model, t.loss_chunk)
   return loop.Task(
-      init_params=init_params or (
-          lambda key: model.init(key, jnp.zeros((1, t.seq_len), jnp.int32))['params']),
+      init_params=lambda key: model.init(key, jnp.zeros((1, t.seq_len), jnp.int32))['params'],
+      start_params=start_params,
       loss_fn=loss_fn,
       eval_fn=eval_fn,
       train_batch=lambda step, micro, rows: lm.lm_batch(train_tokens, micro_batch, t.seq_len,
@@ -192,7 +193,7 @@ def write_sample(config: ml_collections.ConfigDict, workdir: str, model: Decoder
   """Generates from config.sampling.prompt; process 0 writes prompt + continuation to
   samples.txt."""
   s = config.sampling
-  ids = [tok.bos_id] + tok.encode(s.prompt)
+  ids = tok.encode(s.prompt, add_bos=True)
   new = min(s.max_new_tokens, config.model.max_len - len(ids))
   prompts, mask = decoding.left_pad([ids], tok.pad_id)
   out = decoding.sample(model, params, prompts, mask, jax.random.key(config.seed),
@@ -208,10 +209,7 @@ def write_sample(config: ml_collections.ConfigDict, workdir: str, model: Decoder
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Pretrains a GPT in `workdir` (resuming if it holds a checkpoint) and writes a sample."""
-  init_params = None
-  if config.train.init_from:
-    _, params = init_from(config, workdir)
-    init_params = lambda key: params
+  params = init_from(config, workdir)[1] if config.train.init_from else None
   tok, train_tokens, val_tokens = prepare_data(config, workdir)
   model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
   entropy = unigram_entropy(val_tokens, tok.vocab_size)
@@ -221,8 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   with open(os.path.join(workdir, 'data', 'stats.json'), 'w') as f:
     json.dump({'train_tokens': len(train_tokens), 'val_tokens': len(val_tokens),
                'val_unigram_entropy': entropy, 'vocab_size': tok.vocab_size}, f)
-  result = loop.run(config, workdir, make_task(config, model, train_tokens, val_tokens,
-                                               init_params))
+  result = loop.run(config, workdir, make_task(config, model, train_tokens, val_tokens, params))
   if result.finished:  # Every process takes part in the (SPMD) sampling; process 0 writes.
     text = write_sample(config, workdir, model, result.params, tok)
     if jax.process_index() == 0:
@@ -232,7 +229,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
 
 def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizers.Tokenizer,
                                         DecoderLM, Any]:
-  """(config, tokenizer, model, params) of the latest checkpoint of a run in `workdir`."""
+  """(config, tokenizer, model, params) of the latest checkpoint of a run in `workdir`, or of the
+  Hugging Face model 'hf:DIR'."""
+  if hf.is_hf(workdir):
+    config = config_lib.default_config()
+    config.train.init_from = workdir
+    config = config_lib.with_imported_model(config)
+    tok = tokenizers.load_tokenizer(hf.hf_dir(workdir))
+    model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
+    return config, tok, model, hf.load_params(hf.hf_dir(workdir), model.cfg)
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UserError(f'{workdir} holds no run (no config.json); train it first or fix --workdir.')
@@ -264,33 +269,44 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizers.To
   return config, tok, model, params
 
 
-# Model keys that change neither the shapes nor the meaning of the weights.
-FREE_MODEL_KEYS = ('dropout', 'dtype', 'attention', 'remat', 'scan_layers')
-
-
 def init_from(config: ml_collections.ConfigDict, workdir: str) -> tuple[tokenizers.Tokenizer, Any]:
-  """(tokenizer, weights) of the latest checkpoint of the run in `config.train.init_from`.
+  """(tokenizer, weights) of the latest checkpoint of the run in `config.train.init_from`, or of
+  the Hugging Face model 'hf:DIR' (`config` from config.with_imported_model), whose weights are
+  read straight into the shardings the training loop gives them.
 
-  The run must have this config's model (but for FREE_MODEL_KEYS) and tokenizer sections (a key
-  its config.json lacks counts as equal: it predates the key). Its tokenizer is copied into
+  A run must have this config's model (but for COMPUTE_MODEL_KEYS) and tokenizer sections (a key
+  its config.json lacks counts as equal: it predates the key). The tokenizer is copied into
   `workdir/tokenizer`, so this run and every later one use it.
   """
   source = config.train.init_from
+  if hf.is_hf(source):
+    tok = tokenizers.load_tokenizer(hf.hf_dir(source))
+    cfg = config_lib.model_config(config, tok.vocab_size)
+    abstract = jax.eval_shape(lambda key: init_decoder(DecoderLM(cfg), key), jax.random.key(0))
+    params = hf.load_params(hf.hf_dir(source), cfg, loop.param_shardings(config, abstract))
+    _copy_tokenizer(tok, workdir)
+    return tok, params
   if not os.path.exists(os.path.join(source, 'config.json')):
     raise UserError(f'train.init_from={source!r} holds no run (no config.json); give the '
                     '--workdir of a trained run.')
   saved, tok, _, params = load_trained(source)
   saved, current = json.loads(saved.to_json()), json.loads(config.to_json())
   diffs = [f'{s}.{k}: {saved[s].get(k)!r} there, {v!r} here' for s in ('model', 'tokenizer')
-           for k, v in current[s].items() if k not in FREE_MODEL_KEYS and saved[s].get(k, v) != v]
+           for k, v in current[s].items()
+           if k not in config_lib.COMPUTE_MODEL_KEYS and saved[s].get(k, v) != v]
   if diffs:
     raise UserError(f'train.init_from={source!r} has another architecture ({"; ".join(diffs[:3])}'
                     '); set the same --config.model.* and --config.tokenizer.* as that run.')
+  _copy_tokenizer(tok, workdir)
+  return tok, to_layout(params, config.model.scan_layers)
+
+
+def _copy_tokenizer(tok: tokenizers.Tokenizer, workdir: str) -> None:
+  """Saves `tok` as `workdir/tokenizer` unless it is there."""
   directory = os.path.join(workdir, 'tokenizer')
   if not os.path.isdir(directory):
     tok.save(directory + '.tmp')
     os.replace(directory + '.tmp', directory)
-  return tok, to_layout(params, config.model.scan_layers)
 
 
 def tokenizer_report(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -106,6 +106,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
   micro_batch = t.batch_size // t.grad_accum_steps
   lm_loss_fn, lm_eval_fn = pretrain.lm_fns(model, t.loss_chunk)
   loss_fn, eval_fn, init_params, frozen = lm_loss_fn, lm_eval_fn, lambda key: base, None
+  start = None if lc.rank else base
   if lc.rank:  # The trained params are the adapters; the base weights are frozen.
     merged = lambda adapters, base: lora.merge(base, adapters, lc.alpha, lc.rank)
     loss_fn = lambda adapters, batch, key, frozen: lm_loss_fn(merged(adapters, frozen), batch, key)
@@ -124,7 +125,8 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
       tokens_per_step=t.batch_size * t.seq_len,
       flops_per_token=lambda params: flops,
       batch_weight=pretrain.target_tokens,
-      frozen=frozen)
+      frozen=frozen,
+      start_params=start)
 
 
 def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.Batch]:
@@ -138,7 +140,7 @@ def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.B
   rows = sft_data.make_rows([example] * t.batch_size, t.seq_len, False, 0)
   task = make_task(config, model, base, rows, rows)
   if not config.lora.rank:
-    task = dataclasses.replace(task, init_params=init)
+    task = dataclasses.replace(task, init_params=init, start_params=None)
   return task, task.train_batch(0, 0, slice(None))
 
 

@@ -39,6 +39,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Trains `config` (of any stage) in `workdir` unless a finished run is there (an unfinished
   one resumes). Returns the absolute workdir, for a later stage's train.init_from."""
   workdir = os.path.abspath(workdir)
+  config = config_lib.with_imported_model(config)
   if is_done(workdir):
     print(f'stage {config.stage}: done in {workdir}', flush=True)
     return workdir

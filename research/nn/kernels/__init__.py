@@ -30,6 +30,6 @@ def attention(cfg: ModelConfig, seq_len: int) -> str:
     return cfg.attention
   if cfg.platform == 'cpu':
     return 'einsum'
-  if cfg.platform == 'tpu' and seq_len % 128 == 0:
+  if cfg.platform == 'tpu' and seq_len % 128 == 0 and not cfg.sliding_window:
     return 'splash'
   return 'jax'
