@@ -701,6 +701,11 @@ class HFTokenizer(Tokenizer):
     return _append_eos(ids, [len(e) for e in encoded], self.eos_id)
 
   def decode(self, ids, skip_special=True):
+    """Text of `ids`; ids past the tokenizer's vocabulary (rows an imported model's embedding
+    has beyond it, which a model can still sample) decode to nothing, as in tokenizers."""
+    ids = np.asarray(ids)
+    if ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer):
+      ids = ids[ids < self.vocab_size]
     return self._tk.decode(self._check_ids(ids), skip_special_tokens=skip_special)
 
   def _decode(self, ids):

@@ -114,9 +114,13 @@ def _trained(arch: str) -> str:
 
 
 def save_tokenizer(arch: str, directory: str) -> None:
+  """Saves the tokenizer, then loads it as transformers' class for `arch` would (Qwen2's brings
+  its own NFC normaliser and pre-tokeniser) and saves that: the files transformers itself
+  writes for such a model."""
   _, names, template = STYLES[arch]
   fast = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained(arch)),
                                               **names)
   if template:
     fast.chat_template = template
   fast.save_pretrained(directory)
+  transformers.AutoTokenizer.from_pretrained(directory).save_pretrained(directory)
