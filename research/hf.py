@@ -17,6 +17,7 @@ Conv1D weights are stored [in, out], and its c_attn holds query, key and value s
 """
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -65,8 +66,9 @@ def read_config(directory: str) -> dict:
     config = json.load(f)
   model_type = config.get('model_type')
   if model_type not in ARCHITECTURES:
-    raise UserError(f'{path}: architecture {model_type!r} ({", ".join(config.get("architectures") or [])}) '
-                    f'is not supported; supported model_type: {", ".join(ARCHITECTURES)}.')
+    names = ', '.join(config.get('architectures') or [])
+    raise UserError(f'{path}: architecture {model_type!r} ({names}) is not supported; supported '
+                    f'model_type: {", ".join(ARCHITECTURES)}.')
   return config
 
 
@@ -246,7 +248,7 @@ class Checkpoint:
     return self._file(name).get_slice(name)[index]
 
 
-def _expected_shape(t: Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+def checkpoint_shape(t: Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
   """The checkpoint shape of tensor `t` that holds one of our parameters of `shape`."""
   shape = (*shape[:-1], shape[-1] * t.parts)
   return shape[::-1] if t.transpose else shape
@@ -254,21 +256,34 @@ def _expected_shape(t: Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _read(ckpt: Checkpoint, t: Tensor, index: tuple[slice, ...],
           shape: tuple[int, ...]) -> np.ndarray:
-  """Our parameter's `index` (slices of our layout, `shape`) read from tensor `t`."""
+  """Slices `index` of tensor `t` in its file layout, whose slice for our parameter has `shape`
+  (ours, with the last two axes swapped when t.transpose)."""
   idx = [slice(*s.indices(n)) for s, n in zip(index, shape)]
   if t.parts > 1:
     offset = t.part * shape[-1]
     idx[-1] = slice(idx[-1].start + offset, idx[-1].stop + offset)
-  if t.transpose:
-    return ckpt.read(t.name, tuple(idx[::-1])).T
   return ckpt.read(t.name, tuple(idx))
+
+
+def _swap_last(shape_or_spec: tuple) -> tuple:
+  return (*shape_or_spec[:-2], shape_or_spec[-1], shape_or_spec[-2])
+
+
+def _file_sharding(sharding: jax.sharding.Sharding, ndim: int) -> jax.sharding.Sharding:
+  """The sharding of a parameter's transpose (last two axes swapped) that `sharding` places."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding  # Single-device or replicated: the same devices hold the whole.
+  spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*_swap_last(spec)))
 
 
 def load_params(directory: str, cfg: ModelConfig, shardings: Optional[Any] = None) -> Any:
   """The `DecoderLM(cfg)` parameters (cfg from `model_keys`) in the safetensors of `directory`,
-  as cfg.param_dtype. With `shardings` (a pytree of jax.sharding.Sharding like the parameters),
-  each array is assembled from the slices its devices hold (jax.make_array_from_callback), so no
-  process reads more than its devices keep; without, numpy arrays on the host.
+  as cfg.param_dtype. Each array is assembled from the slices its devices hold
+  (jax.make_array_from_callback) in the checkpoint's layout and dtype, then transposed and cast
+  on the devices: no process reads more than its devices keep, and no parameter passes whole
+  through the host. `shardings`: a pytree of jax.sharding.Sharding like the parameters; default:
+  all on the first local device.
 
   Raises UserError for a tensor that is missing, has another shape than config.json implies, or
   is left over (a parameter this config does not have)."""
@@ -283,9 +298,9 @@ def load_params(directory: str, cfg: ModelConfig, shardings: Optional[Any] = Non
       if t.name not in ckpt.files:
         raise UserError(f'hf:{directory} has no tensor {t.name}, which config.json implies; the '
                         'checkpoint and its config.json disagree.')
-      if ckpt.shape(t.name) != _expected_shape(t, shape):
+      if ckpt.shape(t.name) != checkpoint_shape(t, shape):
         raise UserError(f'{t.name} in {ckpt.files[t.name]} has shape {ckpt.shape(t.name)}, but '
-                        f'config.json implies {_expected_shape(t, shape)}; the checkpoint and its '
+                        f'config.json implies {checkpoint_shape(t, shape)}; the checkpoint and its '
                         'config.json disagree.')
   used = {t.name for tensors in names.values() for t in tensors}
   if cfg.tie_embeddings:
@@ -294,23 +309,35 @@ def load_params(directory: str, cfg: ModelConfig, shardings: Optional[Any] = Non
   if extra:
     raise UserError(f'hf:{directory} holds {len(extra)} tensors this config.json does not explain, '
                     f'e.g. {extra[0]}; is config.json the checkpoint\'s own?')
-  dtype = jnp.dtype(cfg.param_dtype)
-
-  def leaf(path: tuple, index: tuple[slice, ...]) -> np.ndarray:
-    tensors, shape = names[path], flat[path].shape
-    if path[0] != SCANNED:
-      return _read(ckpt, tensors[0], index, shape).astype(dtype)
-    layers = range(*index[0].indices(shape[0]))
-    return np.stack([_read(ckpt, tensors[i], index[1:], shape[1:]) for i in layers]).astype(dtype)
-
   if shardings is None:
-    out = {p: leaf(p, tuple(slice(None) for _ in x.shape)) for p, x in flat.items()}
-  else:
-    shard_flat = traverse_util.flatten_dict(shardings)
-    out = {p: jax.make_array_from_callback(x.shape, shard_flat[p],
-                                           lambda index, p=p: leaf(p, index))
-           for p, x in flat.items()}
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  shard_flat = traverse_util.flatten_dict(shardings)
+  dtype = jnp.dtype(cfg.param_dtype)
+  out = {}
+  for path, x in flat.items():
+    tensors, transpose = names[path], names[path][0].transpose
+    shape = _swap_last(x.shape) if transpose else x.shape
+
+    def leaf(index, tensors=tensors, shape=shape, scanned=path[0] == SCANNED):
+      if not scanned:
+        return _read(ckpt, tensors[0], index, shape)
+      layers = range(*index[0].indices(shape[0]))
+      return np.stack([_read(ckpt, tensors[i], index[1:], shape[1:]) for i in layers])
+
+    stored = jax.make_array_from_callback(
+        shape, _file_sharding(shard_flat[path], len(shape)) if transpose else shard_flat[path],
+        leaf)
+    out[path] = _to_param(dtype, transpose, shard_flat[path])(stored)
   return traverse_util.unflatten_dict(out)
+
+
+@functools.cache
+def _to_param(dtype: Any, transpose: bool, sharding: jax.sharding.Sharding) -> Callable:
+  """A jitted function: a checkpoint array as the parameter, cast to `dtype` (and transposed),
+  placed as `sharding`."""
+  return jax.jit(lambda x: (jnp.swapaxes(x, -1, -2) if transpose else x).astype(dtype),
+                 out_shardings=sharding)
 
 
 def _export_type(cfg: ModelConfig) -> str:
@@ -406,6 +433,29 @@ def checkpoint_tensors(cfg: ModelConfig, params: Any, model_type: str) -> dict[s
           for name, p in parts.items()}
 
 
+def write_safetensors(directory: str, tensors: dict[str, np.ndarray],
+                      max_shard_bytes: int) -> None:
+  """`tensors` as model.safetensors, or (above max_shard_bytes) as shards
+  model-0000i-of-0000n.safetensors with their index, in order, as transformers writes them."""
+  shards, size = [{}], 0
+  for name, x in tensors.items():
+    if size and size + x.nbytes > max_shard_bytes:
+      shards, size = shards + [{}], 0
+    shards[-1][name] = x
+    size += x.nbytes
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(directory, SINGLE), metadata={'format': 'pt'})
+    return
+  weight_map = {}
+  for n, shard in enumerate(shards, 1):
+    file = f'model-{n:05d}-of-{len(shards):05d}.safetensors'
+    save_file(shard, os.path.join(directory, file), metadata={'format': 'pt'})
+    weight_map.update({name: file for name in shard})
+  with open(os.path.join(directory, INDEX), 'w') as f:
+    json.dump({'metadata': {'total_size': sum(x.nbytes for x in tensors.values())},
+               'weight_map': weight_map}, f, indent=2)
+
+
 def save(out: str, cfg: ModelConfig, params: Any, tok: Any,
          max_shard_bytes: int = 5 * 2**30) -> str:
   """Writes `params` of DecoderLM(cfg) and the tokenizer `tok` as a Hugging Face model
@@ -431,24 +481,7 @@ def _write(tmp: str, cfg: ModelConfig, params: Any, tok: Any, model_type: str,
            max_shard_bytes: int) -> None:
   tok.save_hf(tmp)  # First: a tokenizer that cannot be written fails before the weights.
   special = {'bos_token_id': tok.bos_id, 'eos_token_id': tok.eos_id, 'pad_token_id': tok.pad_id}
-  tensors = checkpoint_tensors(cfg, params, model_type)
-  shards, size = [{}], 0
-  for name, x in tensors.items():
-    if size and size + x.nbytes > max_shard_bytes:
-      shards, size = shards + [{}], 0
-    shards[-1][name] = x
-    size += x.nbytes
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(tmp, SINGLE), metadata={'format': 'pt'})
-  else:
-    weight_map = {}
-    for n, shard in enumerate(shards, 1):
-      file = f'model-{n:05d}-of-{len(shards):05d}.safetensors'
-      save_file(shard, os.path.join(tmp, file), metadata={'format': 'pt'})
-      weight_map.update({name: file for name in shard})
-    with open(os.path.join(tmp, INDEX), 'w') as f:
-      json.dump({'metadata': {'total_size': sum(x.nbytes for x in tensors.values())},
-                 'weight_map': weight_map}, f, indent=2)
+  write_safetensors(tmp, checkpoint_tensors(cfg, params, model_type), max_shard_bytes)
   with open(os.path.join(tmp, 'config.json'), 'w') as f:
     json.dump(hf_config(cfg, model_type, special), f, indent=2)
   with open(os.path.join(tmp, 'generation_config.json'), 'w') as f:

@@ -808,7 +808,7 @@ def tokenizer_report(tok: Tokenizer, text: str, top: int = 20) -> str:
            'most frequent tokens:']
   for i, count in collections.Counter(ids).most_common(top):
     lines.append(f'  {i:6d} {tok.id_to_token(i)!r:24} {count}')
-  surfaces = {i: tok.decode([i]) for i in range(_NUM_SPECIAL, tok.vocab_size)}
+  surfaces = {i: tok.decode([i]) for i in range(tok.vocab_size) if i != tok.unk_id}
   lines.append('longest tokens (characters decoded):')
   for i in sorted(surfaces, key=lambda i: (-len(surfaces[i]), i))[:top]:
     lines.append(f'  {i:6d} {surfaces[i]!r}')

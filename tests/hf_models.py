@@ -96,14 +96,16 @@ def hf_config(arch: str) -> transformers.PretrainedConfig:
   return transformers.Qwen3Config(head_dim=32, **llama_like)
 
 
-def make_model(arch: str, directory: str, seed: int = 0, **save_kwargs) -> str:
-  """Writes a tiny random `arch` model and its tokenizer into `directory` (save_pretrained)."""
+def make_model(arch: str, directory: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+               **save_kwargs) -> str:
+  """Writes a tiny random `arch` model (its weights in `dtype`) and its tokenizer into
+  `directory` (save_pretrained)."""
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(hf_config(arch)).eval()
   with torch.no_grad():
     for p in model.parameters():  # Norm scales off 1, biases off 0: every parameter counts.
       p.add_(0.05 * torch.randn_like(p))
-  model.save_pretrained(directory, **save_kwargs)
+  model.to(dtype).save_pretrained(directory, **save_kwargs)
   save_tokenizer(arch, directory)
   return directory
 

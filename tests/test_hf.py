@@ -89,10 +89,13 @@ def test_greedy_generation_equals_transformers(hf_dir, arch):
 
 @pytest.mark.parametrize('arch', hf_models.ARCHS)
 def test_import_export_round_trip(hf_dir, arch, tmp_path):
-  """Imported, exported and loaded by transformers: the same logits and tokenizer ids."""
+  """Imported, exported (Llama's in shards with an index) and loaded by transformers: the same
+  logits and tokenizer ids."""
   _, tok, model, params = pretrain.load_trained('hf:' + hf_dir(arch))
   out = str(tmp_path / 'export')
-  assert hf.save(out, model.cfg, params, tok) == arch
+  shard_bytes = 300_000 if arch == 'llama' else 2**30
+  assert hf.save(out, model.cfg, params, tok, max_shard_bytes=shard_bytes) == arch
+  assert os.path.exists(os.path.join(out, hf.INDEX)) == (arch == 'llama')
   ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir(arch)).eval()
   back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   ids, mask, positions = padded_batch(tok.vocab_size)
@@ -102,6 +105,19 @@ def test_import_export_round_trip(hf_dir, arch, tmp_path):
   assert (transformers.AutoTokenizer.from_pretrained(out).encode(text, add_special_tokens=False)
           == transformers.AutoTokenizer.from_pretrained(hf_dir(arch)).encode(
               text, add_special_tokens=False))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints_load(tmp_path, dtype):
+  """bfloat16 and float16 files load, as the float32 weights rounded to that type."""
+  half = hf_models.make_model('qwen2', str(tmp_path / 'half'), dtype=dtype)
+  full = hf_models.make_model('qwen2', str(tmp_path / 'full'))
+  _, _, _, got = pretrain.load_trained('hf:' + half)
+  _, _, _, want = pretrain.load_trained('hf:' + full)
+  to_half = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}[dtype]
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == np.float32
+    np.testing.assert_array_equal(g, np.asarray(jnp.asarray(w).astype(to_half), np.float32))
 
 
 def test_export_refuses_an_existing_directory_and_leaves_it(hf_dir, tmp_path):
@@ -234,12 +250,17 @@ abstract = jax.eval_shape(lambda k: init_decoder(DecoderLM(cfg), k), jax.random.
 shardings = loop.param_shardings(config, abstract)
 reads = []
 read = hf.Checkpoint.read
-hf.Checkpoint.read = lambda self, name, index: reads.append((name, (x := read(self, name, index)).nbytes)) or x
+def counted(self, name, index):
+  x = read(self, name, index)
+  reads.append((name, x.nbytes))
+  return x
+hf.Checkpoint.read = counted
 sharded = hf.load_params(directory, cfg, shardings)
 largest_read = max(n for _, n in reads)
 whole = hf.load_params(directory, cfg)
 leaves = []
-for (path, x), s, w in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(shardings), jax.tree.leaves(whole)):
+for (path, x), s, w in zip(jax.tree_util.tree_leaves_with_path(sharded),
+                           jax.tree.leaves(shardings), jax.tree.leaves(whole)):
   leaves.append(dict(path=jax.tree_util.keystr(path), same_sharding=x.sharding == s,
                      spec=str(s.spec), devices=len(x.devices()), nbytes=int(x.nbytes),
                      per_device=[int(sh.data.nbytes) for sh in x.addressable_shards],
@@ -376,3 +397,39 @@ def test_with_imported_model_sets_model_and_tokenizer_keys(hf_dir):
   assert config.model.remat == 'full' and config.model.dropout == 0.1  # How to compute: kept.
   assert config.tokenizer.kind == 'hf' and config.model.vocab_size == hf_models.VOCAB
   config_lib.validate(config)
+
+
+@pytest.mark.slow
+def test_every_stage_starts_from_hf(hf_dir, tmp_path):
+  """Pretraining continuation, reward model, DPO and PPO (with that reward model) start from
+  hf:DIR; chat and analyze_embeddings read a run made from one, and hf:DIR itself."""
+  model = f'hf:{hf_dir("qwen2")}'
+  small = ['--config.train.steps=4', '--config.train.batch_size=4', '--config.train.seq_len=128',
+           '--config.train.log_every=2', '--config.train.eval_every=4',
+           '--config.train.eval_batches=1', '--config.train.checkpoint_every=4',
+           '--config.sft.num_held_out=4', '--config.sft.max_new_tokens=4',
+           '--config.reward.num_train=64', '--config.reward.num_held_out=8',
+           '--config.reward.normalise_samples=8', '--config.reward.policy_pairs=0',
+           '--config.sampling.max_new_tokens=8']
+  runs = {'pretrain_small': [f'--config.train.init_from={model}'],
+          'reward_small': [f'--config.train.init_from={model}'],
+          'dpo_small': [f'--config.train.init_from={model}'],
+          'ppo_small': [f'--config.train.init_from={model}', '--config.ppo.minibatch_size=4',
+                        '--config.ppo.max_new_tokens=4',
+                        f'--config.ppo.reward_from={tmp_path / "reward_small"}']}
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+
+  def launch(*args, stdin=None):
+    proc = subprocess.run([sys.executable, 'launch.py', *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env, input=stdin)
+    assert proc.returncode == 0, (args, proc.stderr[-3000:])
+    return proc.stdout
+
+  for name, args in runs.items():
+    launch(f'--experiment={name}', f'--workdir={tmp_path / name}', *small, *args)
+    with open(tmp_path / name / 'summary.json') as f:
+      assert json.load(f)['finished'], name
+  assert launch('--experiment=ppo_small', f'--workdir={tmp_path / "ppo_small"}', '--mode=chat',
+                '--config.sampling.max_new_tokens=4', stdin='hello\n').strip()
+  assert 'def:' in launch('--experiment=ppo_small', f'--workdir={model}',
+                          '--mode=analyze_embeddings', '--words=def')

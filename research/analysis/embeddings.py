@@ -129,11 +129,16 @@ def analyze(vocab: Vocabulary, words: Sequence[str], analogies: Sequence[str], d
 
 def analyze_workdir(workdir: str, words: Sequence[str], analogies: Sequence[str],
                     direction: str) -> str:
-  """Loads the tokenizer and the latest checkpoint's embedding matrix of a trained workdir."""
+  """Loads the tokenizer and the latest checkpoint's embedding matrix of a trained workdir (or of
+  a Hugging Face model 'hf:DIR'; the plot goes into DIR)."""
+  from research import hf  # pylint: disable=g-import-not-at-top
   from research.train import pretrain  # pylint: disable=g-import-not-at-top
   _, tokenizer, _, params = pretrain.load_trained(workdir)
   embedding = params.get('embed', {}).get('embedding')
   if embedding is None:
     raise UserError(f'the model in {workdir} has no token embedding "embed/embedding".')
-  vocab = Vocabulary(tokenizer, np.asarray(embedding, np.float32))
-  return analyze(vocab, words, analogies, direction, os.path.join(workdir, 'embeddings_pca.png'))
+  # Rows past the tokenizer's ids (an imported model's padding) stand for no text.
+  vocab = Vocabulary(tokenizer, np.asarray(embedding, np.float32)[:tokenizer.vocab_size])
+  directory = hf.hf_dir(workdir) if hf.is_hf(workdir) else workdir
+  return analyze(vocab, words, analogies, direction,
+                 os.path.join(directory, 'embeddings_pca.png'))
