@@ -149,7 +149,8 @@ class Tensor:
   parts: int = 1
 
 
-def _gpt2_names(cfg: ModelConfig) -> tuple[dict, Callable[[int], dict]]:
+def _gpt2_names() -> tuple[dict, Callable[[int], dict]]:
+  """(names outside the blocks, layer i -> the names in block i) of GPT-2."""
   top = {('embed', 'embedding'): Tensor('transformer.wte.weight'),
          ('pos_embed', 'embedding'): Tensor('transformer.wpe.weight'),
          ('ln_final', 'scale'): Tensor('transformer.ln_f.weight'),
@@ -170,11 +171,11 @@ def _gpt2_names(cfg: ModelConfig) -> tuple[dict, Callable[[int], dict]]:
       names[ours + ('bias',)] = Tensor(p + theirs + '.bias')
     return names
 
-  del cfg
   return top, layer
 
 
-def _llama_names(cfg: ModelConfig) -> tuple[dict, Callable[[int], dict]]:
+def _llama_names() -> tuple[dict, Callable[[int], dict]]:
+  """(names outside the blocks, layer i -> the names in block i) of Llama, Mistral and Qwen."""
   top = {('embed', 'embedding'): Tensor('model.embed_tokens.weight'),
          ('ln_final', 'scale'): Tensor('model.norm.weight')}
 
@@ -193,14 +194,13 @@ def _llama_names(cfg: ModelConfig) -> tuple[dict, Callable[[int], dict]]:
       names[ours + ('bias',)] = Tensor(p + theirs + '.bias')
     return names
 
-  del cfg
   return top, layer
 
 
 def tensor_map(cfg: ModelConfig, abstract: Any, model_type: str) -> dict[tuple, list[Tensor]]:
   """Our flat parameter path -> its checkpoint tensor per layer (one entry for parameters outside
   the blocks, num_layers for scanned blocks), for the parameters `abstract` holds."""
-  top, layer = (_gpt2_names if model_type == 'gpt2' else _llama_names)(cfg)
+  top, layer = (_gpt2_names if model_type == 'gpt2' else _llama_names)()
   top[('unembed', 'kernel')] = Tensor('lm_head.weight', transpose=True)
   out = {}
   for path in traverse_util.flatten_dict(abstract):
@@ -369,6 +369,8 @@ def _export_type(cfg: ModelConfig) -> str:
     refuse('biases on the query/key/value and attention output projections differ')
   if cfg.sliding_window and model_type != 'mistral':
     refuse('model.sliding_window with qk_norm or query/key/value biases')
+  if model_type == 'mistral' and cfg.qkv_bias:
+    refuse('Mistral has no attention biases')
   if cfg.ffn_bias and model_type != 'llama':
     refuse(f'{model_type} has no feed-forward biases')
   return model_type
@@ -413,7 +415,7 @@ def checkpoint_tensors(cfg: ModelConfig, params: Any, model_type: str) -> dict[s
   architecture has (GPT-2's, for a bias-free model) are zeros, which compute the same."""
   params = jax.tree.map(np.asarray, to_layout(params, False))
   flat = traverse_util.flatten_dict(params)
-  top, layer = (_gpt2_names if model_type == 'gpt2' else _llama_names)(cfg)
+  top, layer = (_gpt2_names if model_type == 'gpt2' else _llama_names)()
   wanted = dict(top)
   if not cfg.tie_embeddings:
     wanted[('unembed', 'kernel')] = Tensor('lm_head.weight', transpose=True)

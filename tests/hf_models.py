@@ -76,20 +76,23 @@ def train_tokenizer(arch: str, vocab_size: int = 900) -> Tokenizer:
   return tok
 
 
-def hf_config(arch: str) -> transformers.PretrainedConfig:
+def hf_config(arch: str, **overrides) -> transformers.PretrainedConfig:
+  """A tiny config of `arch`; `overrides` replace its fields."""
   common = dict(vocab_size=VOCAB, tie_word_embeddings=arch in ('gpt2', 'qwen3'))
   if arch == 'gpt2':
-    return transformers.GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                                   bos_token_id=0, eos_token_id=0, **common)
+    return transformers.GPT2Config(**{**dict(n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                                             bos_token_id=0, eos_token_id=0, **common),
+                                      **overrides})
   llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                     rms_norm_eps=1e-5, **common)
+  llama_like.update(overrides)
   if arch == 'llama':  # Llama 3.1's RoPE scaling, shrunk so that it changes these frequencies.
     return transformers.LlamaConfig(rope_parameters=dict(
         rope_type='llama3', rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
         high_freq_factor=4.0, original_max_position_embeddings=64), **llama_like)
   if arch == 'mistral':
-    return transformers.MistralConfig(sliding_window=4096, **llama_like)
+    return transformers.MistralConfig(**{'sliding_window': 4096, **llama_like})
   if arch == 'qwen2':
     return transformers.Qwen2Config(rope_parameters=dict(rope_type='default',
                                                          rope_theta=1000000.0), **llama_like)
@@ -97,11 +100,11 @@ def hf_config(arch: str) -> transformers.PretrainedConfig:
 
 
 def make_model(arch: str, directory: str, seed: int = 0, dtype: torch.dtype = torch.float32,
-               **save_kwargs) -> str:
-  """Writes a tiny random `arch` model (its weights in `dtype`) and its tokenizer into
-  `directory` (save_pretrained)."""
+               config: dict | None = None, **save_kwargs) -> str:
+  """Writes a tiny random `arch` model (its weights in `dtype`; `config` replaces fields of its
+  config) and its tokenizer into `directory` (save_pretrained)."""
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(hf_config(arch)).eval()
+  model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, **(config or {}))).eval()
   with torch.no_grad():
     for p in model.parameters():  # Norm scales off 1, biases off 0: every parameter counts.
       p.add_(0.05 * torch.randn_like(p))

@@ -58,6 +58,20 @@ def our_logits(model: DecoderLM, params, ids, mask, positions) -> np.ndarray:
   return np.asarray(logits)
 
 
+def greedy_both(model: DecoderLM, params, tok, ref) -> tuple[list[int], list[int]]:
+  """32 greedy tokens after a prompt: (ours through the KV-cache decoder, transformers'
+  `generate`'s), each up to its EOS."""
+  prompt = tok.encode('def parse(text):\n    return', add_bos=True)
+  sampling = ml_collections.ConfigDict(dict(strategy='greedy', max_new_tokens=32, temperature=1.0,
+                                            top_k=0, top_p=1.0, num_beams=1, length_penalty=1.0))
+  ours = decoding.generate(model, params, tok, [prompt], sampling, jax.random.key(0))[0]
+  with torch.no_grad():
+    out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                       max_new_tokens=32, do_sample=False, eos_token_id=tok.eos_id,
+                       pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
+  return list(ours), out[:out.index(tok.eos_id)] if tok.eos_id in out else out
+
+
 @pytest.mark.parametrize('arch', hf_models.ARCHS)
 def test_imported_logits_equal_transformers(hf_dir, arch):
   """float32 logits of a padded batch within 1e-4 of transformers' (at the real tokens)."""
@@ -75,15 +89,22 @@ def test_greedy_generation_equals_transformers(hf_dir, arch):
   """32 greedy tokens through our KV-cache decoder equal transformers' generate."""
   _, tok, model, params = pretrain.load_trained('hf:' + hf_dir(arch))
   ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir(arch)).eval()
-  prompt = tok.encode('def parse(text):\n    return', add_bos=True)
-  sampling = ml_collections.ConfigDict(dict(strategy='greedy', max_new_tokens=32, temperature=1.0,
-                                            top_k=0, top_p=1.0, num_beams=1, length_penalty=1.0))
-  ours = decoding.generate(model, params, tok, [prompt], sampling, jax.random.key(0))[0]
-  with torch.no_grad():
-    out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                       max_new_tokens=32, do_sample=False, eos_token_id=tok.eos_id,
-                       pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
-  theirs = out[:out.index(tok.eos_id)] if tok.eos_id in out else out
+  ours, theirs = greedy_both(model, params, tok, ref)
+  assert len(ours) >= 8 and ours == theirs
+
+
+def test_sliding_window_equals_transformers(tmp_path):
+  """Mistral with a 4-token window: padded-batch logits, and 32 greedy tokens through the KV
+  cache (the window slides past the prompt), equal transformers'."""
+  directory = hf_models.make_model('mistral', str(tmp_path / 'window'),
+                                   config={'sliding_window': 4})
+  _, tok, model, params = pretrain.load_trained('hf:' + directory)
+  assert model.cfg.sliding_window == 4
+  ref = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+  ids, mask, positions = padded_batch(tok.vocab_size)
+  np.testing.assert_allclose(our_logits(model, params, ids, mask, positions)[mask > 0],
+                             torch_logits(ref, ids, mask, positions)[mask > 0], atol=1e-4)
+  ours, theirs = greedy_both(model, params, tok, ref)
   assert len(ours) >= 8 and ours == theirs
 
 
