@@ -8,6 +8,7 @@ the same workdir resumes from its latest checkpoint.
 import importlib
 import os
 import pathlib
+import signal
 import sys
 
 from absl import app
@@ -128,8 +129,11 @@ def main(argv: list[str]) -> None:
   from research import generate  # pylint: disable=g-import-not-at-top
   from research import parallel  # pylint: disable=g-import-not-at-top
   from research import perf  # pylint: disable=g-import-not-at-top
+  from research import runs  # pylint: disable=g-import-not-at-top
+  from research.checkpoint import describe  # pylint: disable=g-import-not-at-top
   from research.errors import UserError  # pylint: disable=g-import-not-at-top
   from research.train import pretrain  # pylint: disable=g-import-not-at-top
+  from research.train import loop  # pylint: disable=g-import-not-at-top
   from research.train import stages  # pylint: disable=g-import-not-at-top
 
   if not FLAGS['verbosity'].present:  # absl turns INFO on under app.run; Orbax's INFO lines
@@ -141,14 +145,28 @@ def main(argv: list[str]) -> None:
   if cluster and not FLAGS.multihost:
     fail(f'{", ".join(cluster)} only apply with --multihost; add --multihost or drop them.')
   if FLAGS.multihost:
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id)
+    try:
+      parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                      FLAGS.process_id)
+    except Exception as e:  # pylint: disable=broad-except (JAX raises several kinds)
+      fail(f'--multihost could not join a cluster ({describe(e)}); run it on every host of a '
+           'TPU slice or SLURM/MPI job, or give --coordinator_address, --num_processes and '
+           '--process_id.')
   perf.tune_cpu_runtime()
+
   def train():
     trainer = stages.stage_module(config.stage)
-    if jax.process_index() == 0:
-      config_lib.save_to_workdir(config, workdir)
-    trainer.train_and_evaluate(config, workdir)
+    parallel.check_fits(config)  # Before anything is written.
+    runs.check_writable(workdir)
+    config_lib.check_workdir(config, workdir)
+    with runs.lock(workdir):
+      if jax.process_index() == 0:
+        config_lib.save_to_workdir(config, workdir)
+      trainer.train_and_evaluate(config, workdir)
+
+  def sweep():
+    with runs.lock(workdir):
+      run_sweep(workdir)
 
   def analyze_embeddings():
     from research.analysis import embeddings  # pylint: disable=g-import-not-at-top
@@ -174,7 +192,7 @@ def main(argv: list[str]) -> None:
       'chat': lambda: generate.chat_main(workdir, config.sampling, sys.stdin, sys.stdout,
                                          seed=config.seed),
       'tokenize': lambda: print(pretrain.tokenizer_report(config, workdir)),
-      'sweep': lambda: run_sweep(workdir),
+      'sweep': sweep,
       'sweep_report': lambda: run_sweep(workdir),
       'analyze_embeddings': analyze_embeddings,
       'compile': compile_step,
@@ -186,7 +204,20 @@ def main(argv: list[str]) -> None:
     modes[FLAGS.mode]()
   except UserError as e:
     fail(str(e))
+  except loop.Interrupted as e:  # A checkpoint is saved: 128 + the signal, as a shell reports.
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
+
+
+def interrupted_at_startup(signum, frame) -> None:
+  """Ctrl-C outside a training loop (which installs its own handler, and saves first): stop at
+  once, in one line, with exit status 130 as a shell reports it; a run resumes from its last
+  checkpoint."""
+  del signum, frame
+  print('\ninterrupted', file=sys.stderr, flush=True)
+  os._exit(130)  # Not sys.exit: JAX's threads may be starting, and tearing them down can crash.
 
 
 if __name__ == '__main__':
+  signal.signal(signal.SIGINT, interrupted_at_startup)
   app.run(main, flags_parser=parse_flags)

@@ -10,8 +10,12 @@ import os
 
 import ml_collections
 
+from research import decoding
 from research import hf
 from research import tokenizers
+from research.data import preferences
+from research.data import sft as sft_data
+from research.data import sources
 from research.data import synthetic
 from research.errors import UserError
 from research.nn.config import NOT_CONFIG_KEYS, ModelConfig
@@ -57,6 +61,11 @@ def default_config() -> ml_collections.ConfigDict:
       eval_batches=8,
       checkpoint_every=500,
       keep_checkpoints=3,
+      # > 0: resume from this step's checkpoint, not the latest (later ones are moved aside).
+      resume_step=0,
+      # Halt (saving nothing) when a train loss exceeds this times the mean of the last 20 (at
+      # least 1), or when the weights about to be saved give such a loss; 0 = only non-finite.
+      spike_factor=10.0,
       # Another run's workdir, or hf:DIR (a Hugging Face model directory, research/hf.py, which
       # also sets model.* and tokenizer.*): start from its latest weights and its tokenizer.
       init_from='',
@@ -183,6 +192,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
               'eval_batches', 'checkpoint_every', 'keep_checkpoints'):
     if t[key] < 1:
       raise UserError(f'train.{key}={t[key]} must be >= 1.')
+  if t.resume_step < 0 or t.spike_factor < 0:
+    raise UserError(f'train.resume_step={t.resume_step} and train.spike_factor={t.spike_factor} '
+                    'must be >= 0 (0: the latest checkpoint; no spike guard).')
   if t.loss_chunk < 0 or (t.loss_chunk and t.seq_len % t.loss_chunk):
     raise UserError(f'train.loss_chunk={t.loss_chunk} must be 0 (off) or divide train.seq_len='
                     f'{t.seq_len}.')
@@ -227,11 +239,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.sft.overlong not in ('truncate', 'skip'):
     raise UserError(f"sft.overlong={config.sft.overlong!r} is not one of ('truncate', 'skip').")
   check_held_out_fractions(config)
+  decoding.check_sampling(config.sampling)  # The sample at the end of training uses it.
+  sources.check_path(config.data.path)
+  check_data_files(config)
   for name, earlier in config.earlier.items():  # Checked now, not after the stages before it ran.
     try:
       validate(earlier)
     except UserError as e:
       raise UserError(f'earlier.{name}: {e}') from None
+
+
+# Stages that read sft.path's records, and reward.path's preference pairs.
+SFT_STAGES = ('sft', 'reward', 'dpo', 'ppo', 'rlhf')
+PAIR_STAGES = ('reward', 'dpo', 'ppo', 'rlhf')
+
+
+def check_data_files(config: ml_collections.ConfigDict) -> None:
+  """Reads and checks the JSONL files the stage will need (every line), so that a bad file is
+  refused before any earlier stage trains for minutes."""
+  if config.stage in SFT_STAGES and config.sft.path:
+    sft_data.read_jsonl(config.sft.path)
+  if config.stage in PAIR_STAGES and config.reward.path:
+    preferences.read_jsonl(config.reward.path)
 
 
 def check_held_out_fractions(config: ml_collections.ConfigDict) -> None:
@@ -271,25 +300,33 @@ def flat_optimizer(config) -> bool:
           and all(mesh.get(a, 1) == 1 for a in PARAM_AXES))
 
 
-def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes `workdir/config.json`, refusing a workdir made with other fixed sections. A workdir
-  that holds nothing else (a run that stopped at a config or data error) takes the new config."""
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises UserError when `workdir` holds a run made with other fixed sections (or another
+  optimizer state layout). A workdir that holds nothing else (a run that stopped at a config or
+  data error) takes the new config."""
   path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path) and set(os.listdir(workdir)) - {'config.json'}:
-    with open(path) as f:
-      saved = json.load(f)
-    current, defaults = json.loads(config.to_json()), json.loads(default_config().to_json())
-    # A key the saved config lacks predates it: it held the key's default then.
-    was = lambda s, k: saved.get(s, {}).get(k, defaults[s].get(k))
-    diffs = [f'{s}.{k}: {was(s, k)!r} there, {v!r} now' for s in FIXED_SECTIONS
-             for k, v in current[s].items() if was(s, k) != v and (s, k) not in FREE_KEYS]
-    layouts = [('per parameter', 'flat')[flat_optimizer(c)] for c in (saved, current)]
-    if layouts[0] != layouts[1]:  # Its checkpoints would not restore.
-      diffs.append(f'optimizer state {layouts[0]} there, {layouts[1]} now (train.flatten_optimizer '
-                   f'with mesh.{"/".join(PARAM_AXES)} = 1 makes it flat)')
-    if diffs:
-      raise UserError(f'{workdir} holds a run with another config ({"; ".join(diffs[:3])}); '
-                      'use a new --workdir, or the settings it was made with.')
+  if not os.path.exists(path) or not set(os.listdir(workdir)) - {'config.json', '.lock'}:
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  current, defaults = json.loads(config.to_json()), json.loads(default_config().to_json())
+  # A key the saved config lacks predates it: it held the key's default then.
+  was = lambda s, k: saved.get(s, {}).get(k, defaults[s].get(k))
+  diffs = [f'{s}.{k}: {was(s, k)!r} there, {v!r} now' for s in FIXED_SECTIONS
+           for k, v in current[s].items() if was(s, k) != v and (s, k) not in FREE_KEYS]
+  layouts = [('per parameter', 'flat')[flat_optimizer(c)] for c in (saved, current)]
+  if layouts[0] != layouts[1]:  # Its checkpoints would not restore.
+    diffs.append(f'optimizer state {layouts[0]} there, {layouts[1]} now (train.flatten_optimizer '
+                 f'with mesh.{"/".join(PARAM_AXES)} = 1 makes it flat)')
+  if diffs:
+    raise UserError(f'{workdir} holds a run with another config ({"; ".join(diffs[:3])}); '
+                    'use a new --workdir, or the settings it was made with.')
+
+
+def save_to_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes `workdir/config.json` after `check_workdir`."""
+  check_workdir(config, workdir)
+  path = os.path.join(workdir, 'config.json')
   os.makedirs(workdir, exist_ok=True)
   with open(path + '.tmp', 'w') as f:
     f.write(config.to_json(indent=2))

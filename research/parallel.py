@@ -135,6 +135,14 @@ def check_batch(global_batch: int, mesh: Mesh) -> None:
                     'train.grad_accum_steps a multiple of both.')
 
 
+def check_fits(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError unless config.mesh fits the devices and (in the loop's stages) each
+  micro-batch splits over its batch axes: checked before a run writes anything."""
+  mesh = make_mesh(config.mesh)
+  if config.stage != 'ppo':  # PPO sizes its updates by ppo.minibatch_size on one device.
+    check_batch(config.train.batch_size // config.train.grad_accum_steps, mesh)
+
+
 def process_slice(global_batch: int) -> slice:
   """The rows of each global batch this process reads (all of them on one host)."""
   per = global_batch // jax.process_count()

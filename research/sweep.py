@@ -116,6 +116,8 @@ def run_point(cmd: list[str], workdir: str) -> tuple[bool, str]:
     rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
   if rc == 0:
     return True, ''
+  if rc in (130, 143):  # launch.py after Ctrl-C / SIGTERM: a checkpoint is saved.
+    return False, f'stopped by a signal (exit status {rc}); rerun the sweep to resume'
   with open(path, 'rb') as log:
     log.seek(start)
     lines = [line.strip() for line in log.read().decode(errors='replace').splitlines()

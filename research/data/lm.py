@@ -13,18 +13,34 @@ from research.errors import UserError
 from research.tokenizers import Tokenizer
 
 
-def cached_tokens(path: str, tokenizer: Tokenizer,
-                  texts: Callable[[], Iterable[str]]) -> np.ndarray:
+def read_source(path: str) -> str:
+  """The text of a cache's .source file ('' when there is none)."""
+  if not os.path.exists(path):
+    return ''
+  with open(path) as f:
+    return f.read()
+
+
+def cached_tokens(path: str, tokenizer: Tokenizer, texts: Callable[[], Iterable[str]],
+                  source: str = '') -> np.ndarray:
   """Token ids of `texts()` (each text followed by EOS), memory-mapped from `path` (.npy).
 
-  Tokenises on the first call and writes the file atomically; later calls just map it (and
-  never call `texts`).
+  Tokenises on the first call and writes the file atomically, with `source` (what the texts were
+  read from, e.g. sources.fingerprint) beside it in path + '.source'; later calls just map it
+  (and never call `texts`) while the source is the same, and tokenise again when it changed.
   """
+  recorded = path + '.source'
+  if os.path.exists(path) and read_source(recorded) != source:
+    print(f'note: the data changed since {path} was made; tokenising it again', flush=True)
+    os.remove(path)
   if not os.path.exists(path):
     ids = tokenizer.encode_corpus(texts())
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     tmp = path + '.tmp.npy'
     np.save(tmp, ids.astype(dtype))
+    with open(recorded + '.tmp', 'w') as f:
+      f.write(source)
+    os.replace(recorded + '.tmp', recorded)
     os.replace(tmp, path)
   return np.load(path, mmap_mode='r')
 

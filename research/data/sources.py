@@ -4,9 +4,11 @@ Every source becomes a list of `Document`s, split into train and val determinist
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
+import sys
 import sysconfig
 import zlib
 
@@ -54,6 +56,34 @@ def _read_jsonl(path: pathlib.Path, field: str, name: str) -> list[Document]:
   return docs
 
 
+def check_path(path: str) -> None:
+  """Raises UserError unless `path` is '' (the default corpus), a regular file or a folder (a
+  device such as /dev/zero would fill memory, a FIFO would block forever)."""
+  if not path:
+    return
+  p = pathlib.Path(os.path.expanduser(path))
+  if not p.exists():
+    raise UserError(f'data.path={path!r} does not exist; point --config.data.path at a text file, '
+                    'a folder of text files or a .jsonl file (or leave it empty for the default).')
+  if not (p.is_file() or p.is_dir()):
+    raise UserError(f'data.path={path!r} is not a regular file or folder (a device, FIFO or '
+                    'socket); point it at text files.')
+
+
+def fingerprint(path: str) -> str:
+  """What the documents of `path` were read from: the Python version for the default corpus,
+  else every file's path, size and modification time (hashed). It changes when the data does."""
+  if not path:
+    return f'stdlib {sys.version}'
+  p = pathlib.Path(os.path.expanduser(path)).resolve()
+  files = sorted(f for f in p.rglob('*') if f.is_file()) if p.is_dir() else [p]
+  digest = hashlib.sha1()
+  for f in files:
+    st = f.stat()
+    digest.update(f'{f}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  return f'{p} {digest.hexdigest()}'
+
+
 def load_documents(path: str, text_field: str = 'text') -> list[Document]:
   """Reads `path`: '' = stdlib corpus; a `.jsonl` file; a text file; or a folder of text files.
 
@@ -64,10 +94,8 @@ def load_documents(path: str, text_field: str = 'text') -> list[Document]:
   if not path:
     root = pathlib.Path(sysconfig.get_paths()['stdlib'])
     return [Document(str(f.relative_to(root)), _read_text(f)) for f in stdlib_paths()]
+  check_path(path)
   p = pathlib.Path(os.path.expanduser(path))
-  if not p.exists():
-    raise UserError(f'data.path={path!r} does not exist; point --config.data.path at a text file, '
-                    'a folder of text files or a .jsonl file (or leave it empty for the default).')
   if p.is_dir():
     files = sorted(f for f in p.rglob('*') if f.is_file()
                    and not any(part.startswith('.') for part in f.relative_to(p).parts))

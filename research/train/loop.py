@@ -1,15 +1,19 @@
 """The step loop every training stage shares: init or resume, jitted updates, eval, metrics,
 checkpoints, preemption and NaN guards. A stage supplies a `Task`: its model, batches and loss."""
 
+import collections
 import dataclasses
 import json
 import os
+import shlex
 import signal
+import sys
 import time
 from typing import Any, Callable
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -75,11 +79,24 @@ class TrainState:
   opt_state: optax.OptState
 
 
+class Interrupted(Exception):
+  """Raised by `run` after SIGTERM or Ctrl-C, once the checkpoint of the last step is saved:
+  stages after it do not run; launch.py exits with 128 + the signal's number (143 for SIGTERM,
+  130 for Ctrl-C), as a shell does, so that a scheduler can tell it from a finished run (0) and
+  from an error (2) and requeue it."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f'stopped by {signal.Signals(signum).name} after step {step}, whose '
+                     'checkpoint is saved; rerun the same command to resume')
+    self.signum, self.step = signum, step
+
+
 class Preempted:
   """Turns SIGTERM and Ctrl-C into a flag the loop checks between steps (then saves and exits)."""
 
   def __init__(self):
     self.requested = False
+    self.signum = signal.SIGTERM
     self.previous = {}
 
   def __enter__(self):
@@ -89,7 +106,7 @@ class Preempted:
 
   def _handle(self, signum, frame):
     del frame
-    self.requested = True
+    self.requested, self.signum = True, signum
     print(f'\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step',
           flush=True)
 
@@ -170,7 +187,6 @@ def evaluate(eval_step, params: Params, batches: list[Batch], *args) -> dict[str
 class RunResult:
   params: Params
   metrics: dict[str, float]  # The last logged train/ and eval/ metrics.
-  finished: bool  # False when preempted (a checkpoint was saved; rerun to resume).
 
 
 def restore_state(ckpt: Checkpointer, step: int, state: TrainState) -> TrainState:
@@ -202,13 +218,30 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       jax.eval_shape(lambda key: TrainState(p := init_params(key), tx.init(p)), jax.random.key(0)))
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'))
-  step = ckpt.latest_step()
+  step, state = ckpt.restore_newest(lambda s: ckpt.restore(s, abstract))
+  ckpt.close()
   if step is None:
     raise UserError(f'{workdir} holds no checkpoint; train first (same --experiment and '
                     '--workdir, --mode=train) or point --workdir at a trained run.')
-  state = ckpt.restore(step, abstract)
-  ckpt.close()
   return state.params, step
+
+
+def divergence_advice(cfg: ml_collections.ConfigDict, last_saved: int | None) -> str:
+  """What to run after a divergence: resume from the last checkpoint (train.resume_step) with a
+  lower learning rate, as a command line when launch.py runs."""
+  lower = f'--config.train.learning_rate={cfg.learning_rate / 10:g}'
+  if last_saved is None:
+    return (f'No checkpoint was saved before it: start again with a lower learning rate ({lower}) '
+            'or a longer warmup (train.warmup_steps).')
+  resume = [f'--config.train.resume_step={last_saved}', lower]
+  if os.path.basename(sys.argv[0]) == 'launch.py':
+    args = [a for a in sys.argv[1:]
+            if not a.startswith(('--config.train.resume_step', '--config.train.learning_rate'))]
+    how = shlex.join(['python', 'launch.py', *args, *resume])
+  else:
+    how = 'the same command with ' + ' '.join(resume)
+  return (f'The last good checkpoint is step {last_saved}; resume from it with a lower learning '
+          f'rate (or a longer warmup): {how}')
 
 
 def param_shardings(config: ml_collections.ConfigDict, abstract_params: Params) -> Params:
@@ -251,14 +284,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   frozen_sharding = parallel.state_shardings(task.frozen, mesh)
   frozen = jax.device_put(task.frozen, frozen_sharding)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
-  start = ckpt.latest_step() or 0
+  start, restored = ckpt.restore_newest(lambda s: restore_state(ckpt, s, state),
+                                        cfg.resume_step or None)
+  start = start or 0
   if start:
-    state = restore_state(ckpt, start, state)
+    state = restored
     print(f'resumed from the checkpoint at step {start}', flush=True)
   if start >= cfg.steps:
     print(f'{workdir} is already trained to step {start} (train.steps={cfg.steps})', flush=True)
     ckpt.close()
-    return RunResult(state.params, {}, finished=True)
+    return RunResult(state.params, {})
 
   writer = metrics_lib.MetricsWriter(workdir, start, enabled=is_main)
   accum = cfg.grad_accum_steps
@@ -285,13 +320,40 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   pending = None  # Metrics of the previous micro-step, read after the next one is dispatched.
   t_interval, steps_in_interval, data_sec = time.perf_counter(), 0, 0.0
 
+  recent = collections.deque(maxlen=20)  # The latest train losses: the spike guard's baseline.
+  last_saved = [start or None]
+
+  def check_loss(loss: float, step: int, what: str) -> None:
+    """Halts (UserError, nothing saved) when `loss` is not finite or spikes beyond
+    train.spike_factor times the recent mean (at least 1)."""
+    limit = cfg.spike_factor * max(float(np.mean(recent)), 1.0) if recent else np.inf
+    if np.isfinite(loss) and not (cfg.spike_factor and loss > limit):
+      return
+    why = f'{what} became {loss:.4g} at step {step}' + (
+        f' (> train.spike_factor={cfg.spike_factor:g} x the recent mean {np.mean(recent):.4g})'
+        if np.isfinite(loss) else '')
+    raise UserError(f'{why}: training diverged, and no checkpoint holds it. '
+                    + divergence_advice(cfg, last_saved[0]))
+
   def pull(pending_metrics, step, weight, last_micro):
     values = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
-    if not np.isfinite(values['loss']):
-      raise UserError(f'the loss became {values["loss"]} at step {step}; lower '
-                      'train.learning_rate or raise train.warmup_steps, then resume from the last '
-                      'checkpoint (it holds finite weights).')
+    check_loss(values['loss'], step, 'the loss')
+    recent.append(values['loss'])
     history.append((values, weight, last_micro))
+
+  probe = jax.jit(lambda params, batch, frozen: (
+      task.loss_fn(params, batch, key, **task.with_frozen(frozen))[0],
+      jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))))
+
+  def save(step: int) -> None:
+    """Saves the state after `step` if its weights are finite and their loss (on the next
+    step's first micro-batch) neither; else halts as diverged."""
+    loss, finite = jax.device_get(probe(state.params, get_batch(min(step, cfg.steps - 1), 0),
+                                        frozen))
+    check_loss(float(loss) if finite else float('nan'), step + 1,
+               'the loss of the weights to save' if finite else 'a weight')
+    ckpt.save(step, state)
+    last_saved[0] = step
 
   def interval_mean(k: str) -> float:
     """Metric k over the log interval: the micro-steps' values weighted as their gradients
@@ -381,12 +443,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
             print(f'  eval at step {done}: ' + ', '.join(f'{k[5:]} {v:.4g}' for k, v in ev.items()),
                   flush=True)
         if save_now:
-          ckpt.save(done, state)
+          save(done)
         t_interval += time.perf_counter() - t_pause
         if stop:
           ckpt.wait()
           print(f'saved the checkpoint at step {done}; rerun the same command to resume',
                 flush=True)
+          stop = preempted.signum
           break
   finally:  # Even on an error, finish the saves in flight: they hold finite weights.
     batches.close()
@@ -398,4 +461,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:  # Read by sweeps.
       json.dump({'step': done, 'finished': not stop,
                  'params': perf.param_count(state.params), 'flops_per_token': flops_per_token}, f)
-  return RunResult(state.params, last, finished=not stop)
+  if stop:
+    raise Interrupted(stop, done)
+  return RunResult(state.params, last)

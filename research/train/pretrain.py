@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -77,14 +78,24 @@ def target_tokens(batch: loop.Batch) -> float:
   return float(np.sum(batch['weights']))
 
 
-def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
-                      train_texts) -> tokenizers.Tokenizer:
-  """Loads the workdir's tokenizer, or trains one on the train split and saves it there."""
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_texts,
+                      source: str = '') -> tokenizers.Tokenizer:
+  """Loads the workdir's tokenizer, or trains one on the train split and saves it there, with
+  `source` (what its texts were read from) in tokenizer.source. A tokenizer whose source changed
+  is trained again while the workdir holds no checkpoint (after that, the weights need it)."""
   directory = os.path.join(workdir, 'tokenizer')
+  recorded = directory + '.source'
   if os.path.isdir(directory):
-    return tokenizers.load_tokenizer(directory)
+    stale = os.path.exists(recorded) and lm.read_source(recorded) != source
+    if not stale or os.path.isdir(os.path.join(workdir, 'checkpoints')):
+      return tokenizers.load_tokenizer(directory)
+    print(f'note: the data changed since {directory} was trained; training it again', flush=True)
+    shutil.rmtree(directory)
   tok = tokenizers.train_tokenizer(config.tokenizer, train_texts())
+  shutil.rmtree(directory + '.tmp', ignore_errors=True)
   tok.save(directory + '.tmp')
+  with open(recorded, 'w') as f:
+    f.write(source)
   os.replace(directory + '.tmp', directory)
   return tok
 
@@ -110,10 +121,13 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str):
       split['train'], split['val'] = sources.split_documents(docs, config.data.val_fraction)
     return [d.text for d in split[name]]
 
-  tok = prepare_tokenizer(config, workdir, lambda: texts('train'))
+  source = sources.fingerprint(config.data.path)
+  tok = prepare_tokenizer(config, workdir, lambda: texts('train'), source)
   os.makedirs(os.path.join(workdir, 'data'), exist_ok=True)
-  train = lm.cached_tokens(os.path.join(workdir, 'data', 'train.npy'), tok, lambda: texts('train'))
-  val = lm.cached_tokens(os.path.join(workdir, 'data', 'val.npy'), tok, lambda: texts('val'))
+  train = lm.cached_tokens(os.path.join(workdir, 'data', 'train.npy'), tok, lambda: texts('train'),
+                           source)
+  val = lm.cached_tokens(os.path.join(workdir, 'data', 'val.npy'), tok, lambda: texts('val'),
+                         source)
   lm.check_length(train, config.train.seq_len, 'train')
   lm.check_length(val, config.train.seq_len, 'val')
   return tok, train, val
@@ -220,10 +234,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     json.dump({'train_tokens': len(train_tokens), 'val_tokens': len(val_tokens),
                'val_unigram_entropy': entropy, 'vocab_size': tok.vocab_size}, f)
   result = loop.run(config, workdir, make_task(config, model, train_tokens, val_tokens, params))
-  if result.finished:  # Every process takes part in the (SPMD) sampling; process 0 writes.
-    text = write_sample(config, workdir, model, result.params, tok)
-    if jax.process_index() == 0:
-      print('sample:\n' + text, flush=True)
+  text = write_sample(config, workdir, model, result.params, tok)  # SPMD: every process samples.
+  if jax.process_index() == 0:
+    print('sample:\n' + text, flush=True)
   return result
 
 

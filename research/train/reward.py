@@ -260,9 +260,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   task = make_task(config, model, lambda key: init_scalar_head(cfg, key, base), train_rows,
                    held_rows)
   result = loop.run(config, workdir, task)
-  if not result.finished:
-    return result
-
   score_fn = jax.jit(functools.partial(pair_scores, model))
   scores = np.concatenate([np.asarray(score_fn(result.params, b)) for b in task.eval_batches])
   right = scores[:, 0] > scores[:, 1]

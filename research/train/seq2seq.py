@@ -145,8 +145,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
   print(f'tokenizer {config.tokenizer.kind}: vocab {tok.vocab_size}', flush=True)
   result = loop.run(config, workdir, make_task(config, model, tok))
-  if not result.finished:
-    return result
   batches = held_out_pairs(config)
   pairs = [p for batch in batches for p in batch]
   scores = {}

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 
 from research import config as config_lib
+from research import runs
 from research.errors import UserError
 
 
@@ -44,11 +45,13 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
     print(f'stage {config.stage}: done in {workdir}', flush=True)
     return workdir
   config_lib.validate(config)
-  if jax.process_index() == 0:
-    config_lib.save_to_workdir(config, workdir)
-  print(f'stage {config.stage}: training in {workdir}', flush=True)
-  start = time.perf_counter()
-  stage_module(config.stage).train_and_evaluate(config, workdir)
+  config_lib.check_workdir(config, workdir)
+  with runs.lock(workdir):
+    if jax.process_index() == 0:
+      config_lib.save_to_workdir(config, workdir)
+    print(f'stage {config.stage}: training in {workdir}', flush=True)
+    start = time.perf_counter()
+    stage_module(config.stage).train_and_evaluate(config, workdir)
   minutes, seconds = divmod(int(time.perf_counter() - start), 60)
   print(f'stage {config.stage}: finished in {minutes} min {seconds:02d} s', flush=True)
   return workdir
