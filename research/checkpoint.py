@@ -97,11 +97,7 @@ class Checkpointer:
     the step cannot be read or its arrays do not match their recorded checksums.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    try:
-      saved = self.saved_tree(step)
-    except Exception as e:  # pylint: disable=broad-except (Orbax raises many kinds)
-      raise Corrupt(f'its metadata does not load: {describe(e)}') from None
-    fits, why = _fits(saved, abstract)
+    fits, why = _fits(self.saved_tree(step), abstract)
     if not fits:
       raise UserError(f'the checkpoint at {self.directory} (step {step}) does not fit this '
                       f'config ({why}); use a fresh --workdir or the config it was trained with.')
@@ -166,8 +162,14 @@ class Checkpointer:
 
   def saved_tree(self, step: int) -> Any:
     """The structure of the tree saved at `step` (nested dicts of array metadata; no arrays are
-    read)."""
-    return self.manager.item_metadata(step)
+    read). Raises `Corrupt` when it cannot be read."""
+    try:
+      tree = self.manager.item_metadata(step)
+    except Exception as e:  # pylint: disable=broad-except (Orbax raises many kinds)
+      raise Corrupt(f'its metadata does not load: {describe(e)}') from None
+    if tree is None or not jax.tree.leaves(tree):
+      raise Corrupt('its metadata is missing')
+    return tree
 
   def close(self) -> None:
     self.manager.wait_until_finished()
