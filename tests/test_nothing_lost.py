@@ -156,6 +156,22 @@ def test_checksums_see_any_changed_value():
     assert any((x != y).any() for x, y in zip(jax.device_get(checkpoint.checksums(other)), sums))
 
 
+def test_a_resumed_run_logs_what_the_uninterrupted_one_logged(tiny_corpus, tmp_path):
+  """log_every=3, checkpoint_every=4: a run resumed from its step-4 checkpoint (as after a
+  crash) logs the same train losses at the same steps as the run that went on (a log interval
+  ends at every checkpoint)."""
+  def losses(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return {r['step']: r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r}
+  whole, resumed = str(tmp_path / 'whole'), str(tmp_path / 'resumed')
+  pretrain.train_and_evaluate(tiny_config(tiny_corpus, log_every=3), whole)
+  shutil.copytree(whole, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '8'))  # Crashed before its step-8 save.
+  pretrain.train_and_evaluate(tiny_config(tiny_corpus, log_every=3), resumed)
+  assert losses(whole) == losses(resumed)
+  assert sorted(losses(whole)) == [3, 4, 6, 8]
+
+
 # --- Divergence -------------------------------------------------------------------------------
 
 def strict_json_lines(path: str) -> list[dict]:

@@ -332,12 +332,15 @@ def test_ppo_refuses_gradient_accumulation():
     config_lib.validate(config)
 
 
-def test_jsonl_sft_and_reward_data_must_hold_out_the_same_share():
+def test_jsonl_sft_and_reward_data_must_hold_out_the_same_share(tmp_path):
   """Both split by the same prompt hash: with other fractions, the prompts between them are
   trained on by one stage and held out by another."""
+  sft_file, pairs_file = tmp_path / 'sft.jsonl', tmp_path / 'pairs.jsonl'
+  sft_file.write_text('{"prompt": "2+3?", "completion": "5"}\n')
+  pairs_file.write_text('{"prompt": "2+3?", "chosen": "5", "rejected": "6"}\n')
   config = default_config()
-  config.sft.update(path='sft.jsonl', held_out_fraction=0.05)
-  config.reward.update(path='pairs.jsonl', held_out_fraction=0.2)
+  config.sft.update(path=str(sft_file), held_out_fraction=0.05)
+  config.reward.update(path=str(pairs_file), held_out_fraction=0.2)
   for stage in ('reward', 'dpo', 'ppo'):
     config.stage = stage
     with pytest.raises(UserError, match=r'sft.held_out_fraction=0.05 and '
@@ -348,7 +351,7 @@ def test_jsonl_sft_and_reward_data_must_hold_out_the_same_share():
   config.stage = 'dpo'
   config.sft.path = ''  # The built-in task's split uses neither fraction.
   config_lib.validate(config)
-  config.sft.update(path='sft.jsonl', held_out_fraction=0.2)
+  config.sft.update(path=str(sft_file), held_out_fraction=0.2)
   config_lib.validate(config)
 
 

@@ -410,7 +410,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         done = step + 1
         is_last = done == cfg.steps
         stop = stop_requested(done)  # Read once: a signal during eval or a save waits a step.
-        if done % cfg.log_every == 0 or is_last or stop:
+        save_now = done % cfg.checkpoint_every == 0 or is_last or stop
+        # A log interval also ends at every checkpoint, so that a run resumed from one logs the
+        # same means as the run that saved it.
+        if done % cfg.log_every == 0 or save_now:
           pull(*pending)
           pending = None
           elapsed = time.perf_counter() - t_interval
@@ -429,7 +432,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
           history, steps_in_interval, data_sec = [], 0, 0.0
           t_interval = time.perf_counter()
         evaluate_now = done % cfg.eval_every == 0 or is_last
-        save_now = done % cfg.checkpoint_every == 0 or is_last or stop
         if (evaluate_now or save_now) and pending is not None:
           pull(*pending)  # Never save weights whose loss we have not seen to be finite.
           pending = None
