@@ -432,8 +432,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
           history, steps_in_interval, data_sec = [], 0, 0.0
           t_interval = time.perf_counter()
         evaluate_now = done % cfg.eval_every == 0 or is_last
-        if (evaluate_now or save_now) and pending is not None:
-          pull(*pending)  # Never save weights whose loss we have not seen to be finite.
+        if evaluate_now and pending is not None:
+          pull(*pending)
           pending = None
         t_pause = time.perf_counter()  # Eval and checkpoints are not training time.
         if evaluate_now:
