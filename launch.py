@@ -159,7 +159,7 @@ def main(argv: list[str]) -> None:
     parallel.check_fits(config)  # Before anything is written.
     runs.check_writable(workdir)
     config_lib.check_workdir(config, workdir)
-    with runs.lock(workdir):
+    with runs.lock(workdir), runs.config_kept_on_failure(workdir):
       if jax.process_index() == 0:
         config_lib.save_to_workdir(config, workdir)
       trainer.train_and_evaluate(config, workdir)

@@ -66,6 +66,29 @@ def tune_cpu_runtime() -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)  # mallopt takes an int.
 
 
+def step_memory(compiled) -> int:
+  """Bytes a compiled step allocates beyond its (already allocated) arguments: temporaries and
+  the outputs that do not reuse a donated argument. 0 when XLA gives no memory analysis."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return 0
+  return int(stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def free_memory(device) -> int:
+  """Bytes free for a computation on `device`: its allocator's limit minus what is in use, or on
+  the CPU the host's available memory (/proc/meminfo's MemAvailable). 0 when unknown."""
+  if device.platform != 'cpu':
+    stats = device.memory_stats() or {}
+    return int(stats.get('bytes_limit', 0) - stats.get('bytes_in_use', 0))
+  try:
+    with open('/proc/meminfo') as f:
+      fields = dict(line.split(':', 1) for line in f)
+    return int(fields['MemAvailable'].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return 0
+
+
 def param_count(params) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 

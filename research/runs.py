@@ -1,4 +1,5 @@
-"""Workdirs: the lock that keeps two processes from training in one.
+"""Workdirs: the lock that keeps two processes from training in one, and the config.json that a
+failed attempt leaves as it was.
 
 A run holds `<workdir>/.lock` (an flock on a file naming its host and pid) while it trains; a
 second process on the same workdir is refused in one line naming the holder. The kernel drops an
@@ -67,3 +68,37 @@ def lock(workdir: str) -> Iterator[None]:
       fcntl.flock(fd, fcntl.LOCK_UN)
   finally:
     os.close(fd)
+
+
+@contextlib.contextmanager
+def config_kept_on_failure(workdir: str) -> Iterator[None]:
+  """Restores `workdir/config.json` (or removes it, if there was none) when the body fails
+  before saving a checkpoint: an attempt that trained nothing leaves the record of the run that
+  did (process 0 only)."""
+  path = os.path.join(workdir, 'config.json')
+  previous = _read(path)
+
+  def checkpoints() -> set[str]:
+    directory = os.path.join(workdir, 'checkpoints')
+    return set(os.listdir(directory)) if os.path.isdir(directory) else set()
+
+  before = checkpoints()
+  try:
+    yield
+  except BaseException:
+    if jax.process_index() == 0 and checkpoints() <= before:
+      if previous is None:
+        if os.path.exists(path):
+          os.remove(path)
+      elif _read(path) != previous:
+        with open(path + '.tmp', 'wb') as f:
+          f.write(previous)
+        os.replace(path + '.tmp', path)
+    raise
+
+
+def _read(path: str) -> bytes | None:
+  if not os.path.exists(path):
+    return None
+  with open(path, 'rb') as f:
+    return f.read()

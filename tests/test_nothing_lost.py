@@ -270,6 +270,9 @@ BAD_INPUTS = {
     'multihost without a cluster': lambda d, c: (['--multihost'], '--multihost could not join'),
     'another model in the workdir': lambda d, c: (['--config.model.d_model=64'],
                                                   'holds a run with another config'),
+    'a batch that cannot fit memory': lambda d, c: (
+        ['--config.train.steps=4', f'--config.train.batch_size={2**22}',
+         '--config.train.eval_batches=1'], 'GiB free; lower train.batch_size'),
 }
 
 

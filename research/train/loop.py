@@ -295,7 +295,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     ckpt.close()
     return RunResult(state.params, {})
 
-  writer = metrics_lib.MetricsWriter(workdir, start, enabled=is_main)
   accum = cfg.grad_accum_steps
   schedule = make_schedule(cfg)
   first = get_batch(start, 0)
@@ -305,6 +304,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
                                                       frozen).compile()
   weigh = task.batch_weight is not None and accum > 1
   compile_sec = time.perf_counter() - t0
+  need, have = perf.step_memory(train_step), perf.free_memory(jax.local_devices()[0])
+  if need and have and need > have:
+    ckpt.close()
+    raise UserError(f'a train step needs {need / 2**30:.1f} GiB more than the model and optimiser '
+                    f'state, but {jax.local_devices()[0].platform} has {have / 2**30:.1f} GiB free; '
+                    'lower train.batch_size, raise train.grad_accum_steps, or set model.remat=full '
+                    '(or shard it: mesh.fsdp).')
+  writer = metrics_lib.MetricsWriter(workdir, start, enabled=is_main)
   eval_step = jax.jit(lambda params, batch, frozen: task.eval_fn(
       params, batch, **task.with_frozen(frozen)))
   eval_batches = [parallel.to_global({k: v[rows] for k, v in b.items()}, batch_sharding)

@@ -46,7 +46,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str) -> str:
     return workdir
   config_lib.validate(config)
   config_lib.check_workdir(config, workdir)
-  with runs.lock(workdir):
+  with runs.lock(workdir), runs.config_kept_on_failure(workdir):
     if jax.process_index() == 0:
       config_lib.save_to_workdir(config, workdir)
     print(f'stage {config.stage}: training in {workdir}', flush=True)
