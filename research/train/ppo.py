@@ -236,13 +236,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params = jax.tree.map(jnp.array, {'policy': sft_params, 'value': init_value(cfg, sft_params)})
   state = {'params': params, 'opt_state': tx.init(params), 'beta': jnp.float32(p.beta)}
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), t.keep_checkpoints)
-  start = ckpt.latest_step() or 0
+  start, restored = ckpt.restore_newest(lambda step: ckpt.restore(step, state),
+                                        t.resume_step or None)
+  start = start or 0
   if start >= t.steps:
     ckpt.close()
     print(f'{workdir} is already trained to iteration {start} (train.steps={t.steps})', flush=True)
     return {}
   if start:
-    state = ckpt.restore(start, state)
+    state = restored
     print(f'resumed from the checkpoint at iteration {start}', flush=True)
   writer = metrics_lib.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
   progress = metrics_lib.Progress(start, t.steps)

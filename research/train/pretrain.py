@@ -272,11 +272,11 @@ def load_trained(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizers.To
     return config, tok, model, lora.merge(base, adapters, config.lora.alpha, rank)
   if config.get('stage') == 'ppo':  # PPO saves its final policy alone, in <workdir>/policy.
     ckpt = Checkpointer(os.path.join(workdir, 'policy'))
-    step = ckpt.latest_step()
+    target = init_decoder(model, jax.random.key(0))
+    step, params = ckpt.restore_newest(lambda s: ckpt.restore(s, target))
+    ckpt.close()
     if step is None:
       raise UserError(f'{workdir} holds no final PPO policy yet; run it to train.steps first.')
-    params = ckpt.restore(step, init_decoder(model, jax.random.key(0)))
-    ckpt.close()
     return config, tok, model, params
   params, _ = loop.restore_params(config, workdir, lambda key: init_decoder(model, key))
   return config, tok, model, params
