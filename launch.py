@@ -124,7 +124,6 @@ def main(argv: list[str]) -> None:
   if FLAGS.mode == 'compile':  # For a TPU, on this host's CPU: libtpu need not find a TPU.
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   # Imported here so that flag errors come back fast, before jax loads.
-  import jax  # pylint: disable=g-import-not-at-top
   from research import config as config_lib  # pylint: disable=g-import-not-at-top
   from research import generate  # pylint: disable=g-import-not-at-top
   from research import parallel  # pylint: disable=g-import-not-at-top
@@ -155,14 +154,11 @@ def main(argv: list[str]) -> None:
   perf.tune_cpu_runtime()
 
   def train():
-    trainer = stages.stage_module(config.stage)
     parallel.check_fits(config)  # Before anything is written.
     runs.check_writable(workdir)
     config_lib.check_workdir(config, workdir)
     with runs.lock(workdir), runs.config_kept_on_failure(workdir):
-      if jax.process_index() == 0:
-        config_lib.save_to_workdir(config, workdir)
-      trainer.train_and_evaluate(config, workdir)
+      stages.train(config, workdir)
 
   def sweep():
     with runs.lock(workdir):
@@ -176,7 +172,7 @@ def main(argv: list[str]) -> None:
     from research import hf  # pylint: disable=g-import-not-at-top
     if not FLAGS.out:
       raise UserError('--mode=export_hf needs --out=DIR, a new directory to write the model to.')
-    _, tok, model, params = pretrain.load_trained(workdir)
+    _, tok, model, params = runs.load_trained(workdir)
     model_type = hf.save(FLAGS.out, model.cfg, params, tok)
     print(f'wrote {FLAGS.out} ({model_type}); load it with transformers: '
           f'AutoModelForCausalLM.from_pretrained({FLAGS.out!r})')

@@ -7,7 +7,7 @@ The MoE run is experiments/pretrain_moe_small.py as it stands. Its dense twin is
 with moe_every=0 and ffn_multiplier = moe_top_k * ffn_multiplier: each token then passes through
 as many FFN weights as in the MoE (which runs top_k experts of ffn_multiplier width). Every run
 trains in its own workdir under --root (a rerun resumes or reuses it) through
-research.train.pretrain.train_and_evaluate; the table reads each workdir's metrics.jsonl.
+research.train.pretrain.train; the table reads each workdir's metrics.jsonl.
 """
 
 import argparse
@@ -80,7 +80,7 @@ def main() -> None:
       config_lib.validate(config)
       config_lib.save_to_workdir(config, workdir)
       t0 = time.perf_counter()
-      pretrain.train_and_evaluate(config, workdir)
+      pretrain.train(config, workdir)
       minutes = (time.perf_counter() - t0) / 60
       with open(os.path.join(workdir, 'data', 'stats.json')) as f:
         vocab = json.load(f)['vocab_size']

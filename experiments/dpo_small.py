@@ -17,6 +17,7 @@ Plain DPO (nll_coef=0; 2026-12-01, the earlier near misses): 83.5% -> 81.5% with
 """
 
 from experiments import sft_small
+from research import config as config_lib
 
 
 def get_config():
@@ -27,5 +28,5 @@ def get_config():
   c.train.update(steps=300, batch_size=32, seq_len=64, learning_rate=1e-4, warmup_steps=30,
                  schedule='linear', min_lr_ratio=0.0, weight_decay=0.0, eval_every=100,
                  checkpoint_every=150, log_every=25)
-  c.earlier.sft = sft_small.get_config()
+  c.earlier.sft = config_lib.earlier_overrides(sft_small.get_config(), c)
   return c

@@ -41,16 +41,17 @@ What it took (each change measured with the same SFT policy):
 
 from experiments import reward_small
 from experiments import sft_small
+from research import config as config_lib
 
 
 def get_config():
   c = sft_small.get_config()
   c.stage = 'ppo'
-  c.earlier.sft = sft_small.get_config()
-  c.earlier.reward = reward_small.get_config()
   c.ppo.update(temperature=1.0, max_new_tokens=16, beta=0.05, epochs=2, minibatch_size=16)
   c.sft.kinds = ('sort',)  # The prompts: the reward model's task (reward_small).
   c.train.update(steps=300, batch_size=64, learning_rate=1e-4, warmup_steps=10,
                  schedule='cosine', weight_decay=0.0, eval_every=25, checkpoint_every=50,
                  log_every=10)
+  c.earlier.sft = config_lib.earlier_overrides(sft_small.get_config(), c)
+  c.earlier.reward = config_lib.earlier_overrides(reward_small.get_config(), c)
   return c

@@ -37,15 +37,16 @@ pairs); held-out pair accuracy 95.6% (384 pairs); on the SFT policy's own replie
 """
 
 from experiments import sft_small
+from research import config as config_lib
 
 
 def get_config():
   c = sft_small.get_config()
   c.stage = 'reward'
-  c.earlier.sft = sft_small.get_config()
   c.sft.kinds = ('sort',)  # The pairs: see the docstring.
   c.reward.policy_pairs = 48000  # ~15k wrong replies of the SFT policy: see the docstring.
   c.train.update(steps=2000, batch_size=32, seq_len=32, learning_rate=1e-3, warmup_steps=40,
                  weight_decay=0.0, eval_every=250, eval_batches=8, checkpoint_every=500,
                  log_every=50)
+  c.earlier.sft = config_lib.earlier_overrides(sft_small.get_config(), c)
   return c

@@ -30,11 +30,12 @@ is what keeps the policy away from it.
 
 from experiments import dpo_small
 from experiments import ppo_small
+from research import config as config_lib
 
 
 def get_config():
-  c = ppo_small.get_config()
+  c = ppo_small.get_config()  # The sections every stage shares; each stage changes its own.
   c.stage = 'rlhf'
-  c.earlier.ppo = ppo_small.get_config()
-  c.earlier.dpo = dpo_small.get_config()
+  c.earlier.ppo = config_lib.earlier_overrides(ppo_small.get_config(), c)
+  c.earlier.dpo = config_lib.earlier_overrides(dpo_small.get_config(), c)
   return c

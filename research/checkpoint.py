@@ -9,7 +9,6 @@ in one line and the next older step is tried (`restore_newest`). Damaged steps a
 into <directory>_set_aside/, never deleted.
 """
 
-import functools
 import json
 import os
 import shutil

@@ -235,8 +235,8 @@ def _compile(config: ml_collections.ConfigDict, topology: str, num_slices: int,
     raise UserError(f'{topology} x {num_slices}: {e}') from None
   vocab = 266 if config.tokenizer.kind == 'byte' else config.tokenizer.vocab_size
   model_cfg = dataclasses.replace(config_lib.model_config(config, vocab), backend='tpu')
-  stage = stages.stage_module(config.stage)
-  if not hasattr(stage, 'step_spec'):
+  stage = stages.get(config.stage)
+  if stage.step_spec is None:
     raise UserError(f'stage={config.stage!r} runs other stages in turn and has no step of its '
                     'own; compile the experiments of those stages.')
   task, batch = stage.step_spec(config, model_cfg)

@@ -16,7 +16,6 @@ from research import tokenizers
 from research.data import preferences
 from research.data import sft as sft_data
 from research.data import sources
-from research.data import synthetic
 from research.errors import UserError
 from research.nn.config import NOT_CONFIG_KEYS, ModelConfig
 
@@ -70,73 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
       # also sets model.* and tokenizer.*): start from its latest weights and its tokenizer.
       init_from='',
   ))
-  # Supervised fine-tuning (research/train/sft.py).
-  c.sft = ml_collections.ConfigDict(dict(
-      path='',  # '' = the built-in verifiable task (research/data/synthetic.py); else a .jsonl.
-      num_train=20000,  # Built-in task: train problems,
-      num_held_out=200,  # and held-out ones (loss and exact match),
-      kinds=synthetic.KINDS,  # of these kinds (also the reward pairs' and PPO prompts').
-      held_out_fraction=0.05,  # A .jsonl: the share of records held out.
-      packing=True,  # Several examples per row (segment ids), else one padded example per row.
-      overlong='truncate',  # Examples longer than train.seq_len + 1 tokens: truncate | skip.
-      max_new_tokens=16,  # Greedy reply length for held-out exact match.
-      # Without train.init_from: pretrain first (in <workdir>/pretrain) with these train.* keys
-      # (steps=0: fine-tune the random init).
-      pretrain=ml_collections.ConfigDict(dict(steps=0, batch_size=16, learning_rate=2e-3,
-                                              warmup_steps=50)),
-  ))
-  # LoRA (research/nn/lora.py); rank 0 = full fine-tuning. targets: regexes over parameter paths.
-  c.lora = ml_collections.ConfigDict(dict(
-      rank=0,
-      alpha=16.0,
-      targets=(r'attn/(query|key|value|out)/kernel$', r'ffn/(wi|wg|wo)/kernel$'),
-  ))
-  # Reward model (research/train/reward.py): Bradley-Terry loss on preference pairs.
-  c.reward = ml_collections.ConfigDict(dict(
-      path='',  # '' = pairs of the built-in task (research/data/preferences.py); else a .jsonl.
-      num_train=8000,  # Built-in pairs: train and held-out counts,
-      num_held_out=400,
-      held_out_fraction=0.05,  # a .jsonl: the share held out.
-      normalise_samples=256,  # SFT-policy samples whose rewards are made mean 0, std 1.
-      # Built-in pairs: also the SFT policy's wrong replies (at ppo.temperature) to this many
-      # train problems, each against the right answer: on-policy negatives.
-      policy_pairs=0,
-  ))
-  # PPO (research/train/ppo.py); train.steps counts rollout iterations, train.batch_size is the
-  # number of prompts per rollout.
-  c.ppo = ml_collections.ConfigDict(dict(
-      reward='model',  # model | checker (1 if the reply is the record's answer, else 0).
-      reward_from='',  # The reward model's workdir; '' = train one in <workdir>/reward first.
-      temperature=1.0,  # Rollout sampling temperature (log-probs use the same one).
-      max_new_tokens=16,
-      missing_eos_penalty=3.0,  # A response without EOS scores minus this (not its RM score).
-      kl_estimator='k1',  # k1 | k3 (research/rl.py).
-      beta=0.05,  # KL coefficient; adaptive (Ziegler et al. 2019) when target_kl > 0.
-      target_kl=0.0,
-      horizon=10000,
-      gamma=1.0,
-      lam=0.95,
-      epochs=4,  # Passes over each rollout batch,
-      minibatch_size=16,  # in shuffled minibatches of this many rollouts.
-      clip=0.2,  # Policy ratio clip,
-      value_clip=0.2,  # and value clip, around the rollout's values.
-      value_coef=0.1,
-  ))
-  # DPO (research/train/dpo.py; Rafailov et al. 2023) on the reward section's pairs.
-  c.dpo = ml_collections.ConfigDict(dict(
-      beta=0.1,
-      nll_coef=0.0,  # > 0: plus this times the chosen answers' per-token NLL (RPO).
-  ))
-  # Configs of the earlier stages a stage builds when train.init_from (or ppo.reward_from) is
-  # empty, e.g. earlier.sft for reward/dpo/ppo and earlier.reward for ppo; set by experiments.
+  # The earlier stages a stage trains first when the key that names their run is empty (e.g.
+  # train.init_from -> earlier.sft): what each one's config changes from this one
+  # (research/train/stages.py); set by experiments.
   c.earlier = ml_collections.ConfigDict()
-  # Masked-LM pretraining (research/train/mlm.py; Devlin et al. 2019).
-  c.mlm = ml_collections.ConfigDict(dict(
-      select_prob=0.15,  # Share of tokens predicted (the loss is on these only),
-      mask_prob=0.8,  # of which replaced by <mask>,
-      random_prob=0.1,  # or by a random token; the rest stay unchanged.
-      next_sentence=False,  # Rows <cls> A <sep> B <sep> (B follows A half the time) + NSP head.
-  ))
   # Device mesh axis sizes (research/parallel.py); -1 = all remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   c.sampling = ml_collections.ConfigDict(dict(
@@ -149,12 +85,14 @@ def default_config() -> ml_collections.ConfigDict:
       max_new_tokens=200,
       prompt='',  # Prompt of the sample written to samples.txt at the end of training.
   ))
+  from research.train import stages  # pylint: disable=g-import-not-at-top (they import this)
+  for stage in stages.all_stages():  # Each stage's own sections (e.g. sft, lora, ppo).
+    for name, section in (stage.sections() if stage.sections else {}).items():
+      c[name] = section
   return c
 
 
 SCHEDULES = ('cosine', 'linear', 'constant')  # train.schedule (research/train/optimizer.py).
-# The model family each stage trains; stages not listed train decoders.
-STAGE_FAMILIES = {'mlm': 'encoder', 'seq2seq': 'encoder_decoder'}
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -179,6 +117,29 @@ def with_imported_model(config: ml_collections.ConfigDict) -> ml_collections.Con
   config.model.update({k: v for k, v in keys.items() if k not in COMPUTE_MODEL_KEYS})
   config.tokenizer.update(kind='hf', path=os.path.abspath(hf.hf_dir(source)))
   return config
+
+
+def earlier_overrides(stage_config: ml_collections.ConfigDict,
+                      base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What `stage_config` changes from `base`: its stage, seed and whole train section and every
+  other key whose value differs (an experiment's `earlier.<name>`, see research/train/stages.py).
+  """
+  def diff(a: dict, b: dict) -> dict:
+    out = {}
+    for k, v in a.items():
+      if isinstance(v, dict) and isinstance(b.get(k), dict):
+        sub = diff(v, b[k])
+        if sub:
+          out[k] = sub
+      elif k not in b or b[k] != v:
+        out[k] = v
+    return out
+  mine, theirs = stage_config.to_dict(), base.to_dict()
+  for c in (mine, theirs):
+    c.pop('earlier', None)
+  out = diff(mine, theirs)
+  out.update(stage=mine['stage'], seed=mine['seed'], train=mine['train'])
+  return ml_collections.ConfigDict(out)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -208,59 +169,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f'{t.min_lr_ratio} in [0, 1].')
   if t.schedule not in SCHEDULES:
     raise UserError(f'train.schedule={t.schedule!r} is not one of {SCHEDULES}.')
-  family = STAGE_FAMILIES.get(config.stage, 'decoder')
-  if config.model.family != family:
-    raise UserError(f'model.family={config.model.family!r} cannot train in stage='
-                    f'{config.stage!r}, which trains a {family!r} model; set '
-                    f'--config.model.family={family} (or another stage).')
-  m = config.mlm
-  if not (0 < m.select_prob <= 1 and m.mask_prob >= 0 and m.random_prob >= 0
-          and m.mask_prob + m.random_prob <= 1):
-    raise UserError(f'mlm.select_prob={m.select_prob} must be in (0, 1], and mlm.mask_prob='
-                    f'{m.mask_prob} and mlm.random_prob={m.random_prob} >= 0 with a sum <= 1.')
-  if config.lora.rank < 0:
-    raise UserError(f'lora.rank={config.lora.rank} must be >= 0 (0 = full fine-tuning).')
-  if config.ppo.reward not in ('model', 'checker'):
-    raise UserError(f"ppo.reward={config.ppo.reward!r} is not one of ('model', 'checker').")
-  if config.ppo.kl_estimator not in ('k1', 'k3'):
-    raise UserError(f"ppo.kl_estimator={config.ppo.kl_estimator!r} is not one of ('k1', 'k3').")
-  if config.stage == 'ppo' and (config.ppo.minibatch_size <= 0
-                               or t.batch_size % config.ppo.minibatch_size):
-    raise UserError(f'train.batch_size={t.batch_size} (rollouts per iteration) must be a multiple '
-                    f'of ppo.minibatch_size={config.ppo.minibatch_size}.')
-  if config.stage == 'ppo' and t.grad_accum_steps != 1:
-    raise UserError(f"train.grad_accum_steps={t.grad_accum_steps} does not apply to stage='ppo' "
-                    '(it updates once per ppo.minibatch_size rollouts, ppo.epochs times a batch); '
-                    'set --config.train.grad_accum_steps=1 and size updates by ppo.minibatch_size.')
-  if config.reward.policy_pairs and config.reward.path:
-    raise UserError(f'reward.policy_pairs={config.reward.policy_pairs} needs the built-in pairs '
-                    f'(their answers are checked), not reward.path={config.reward.path!r}; set '
-                    'one of them.')
-  if config.sft.overlong not in ('truncate', 'skip'):
-    raise UserError(f"sft.overlong={config.sft.overlong!r} is not one of ('truncate', 'skip').")
-  check_held_out_fractions(config)
   decoding.check_sampling(config.sampling)  # The sample at the end of training uses it.
   sources.check_path(config.data.path)
-  check_data_files(config)
-  for name, earlier in config.earlier.items():  # Checked now, not after the stages before it ran.
-    try:
-      validate(earlier)
-    except UserError as e:
-      raise UserError(f'earlier.{name}: {e}') from None
+  from research.train import stages  # pylint: disable=g-import-not-at-top (they import this)
+  stages.validate(config)  # Its own checks and the earlier stages' (now, not after they ran).
+  check_data_files(config, stages.get(config.stage).reads)
 
 
-# Stages that read sft.path's records, and reward.path's preference pairs.
-SFT_STAGES = ('sft', 'reward', 'dpo', 'ppo', 'rlhf')
-PAIR_STAGES = ('reward', 'dpo', 'ppo', 'rlhf')
-
-
-def check_data_files(config: ml_collections.ConfigDict) -> None:
-  """Reads and checks the JSONL files the stage will need (every line), so that a bad file is
-  refused before any earlier stage trains for minutes."""
-  if config.stage in SFT_STAGES and config.sft.path:
+def check_data_files(config: ml_collections.ConfigDict, reads: tuple[str, ...]) -> None:
+  """Reads and checks the JSONL files the stage will need (every line): sft.path's records and
+  reward.path's pairs, so that a bad file is refused before any earlier stage trains for
+  minutes."""
+  if 'sft' in reads and config.sft.path:
     sft_data.read_jsonl(config.sft.path)
-  if config.stage in PAIR_STAGES and config.reward.path:
+  if 'pairs' in reads and config.reward.path:
     preferences.read_jsonl(config.reward.path)
+  if {'sft', 'pairs'} <= set(reads):
+    check_held_out_fractions(config)
 
 
 def check_held_out_fractions(config: ml_collections.ConfigDict) -> None:
@@ -270,8 +195,7 @@ def check_held_out_fractions(config: ml_collections.ConfigDict) -> None:
   stage (SFT, the reward model, DPO) and held out by another (the reward model's accuracy, DPO's
   and PPO's exact match). The built-in task's splits use neither fraction."""
   s, r = config.sft, config.reward
-  if (config.stage in ('reward', 'dpo', 'ppo') and s.path and r.path
-      and s.held_out_fraction != r.held_out_fraction):
+  if s.path and r.path and s.held_out_fraction != r.held_out_fraction:
     raise UserError(f'sft.held_out_fraction={s.held_out_fraction} and reward.held_out_fraction='
                     f'{r.held_out_fraction} differ, so prompts held out by one are trained on by '
                     'another stage; set them equal.')

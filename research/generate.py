@@ -17,7 +17,7 @@ import ml_collections
 
 from research import decoding
 from research.errors import UserError
-from research.train import pretrain
+from research import runs
 
 
 def within_max_len(sampling: ml_collections.ConfigDict, prompt_len: int,
@@ -43,7 +43,7 @@ def generate_main(workdir: str, prompt: str | None, sampling: ml_collections.Con
   encoder-decoder run, the translation of `prompt` (the source; the decoder starts from BOS)."""
   if prompt is None:
     raise UserError('--mode=generate got no prompt; expected text to continue; pass --prompt=TEXT.')
-  _, tok, model, params = pretrain.load_trained(workdir)
+  _, tok, model, params = runs.load_trained(workdir)
   if model.cfg.family == 'encoder_decoder':
     prompts, sources = [[tok.bos_id]], [tok.encode(prompt)]
   else:
@@ -63,7 +63,7 @@ def chat_main(workdir: str, sampling: ml_collections.ConfigDict, stdin: TextIO, 
   conversation no longer fits the context next to sampling.max_new_tokens, its oldest exchanges
   are dropped.
   """
-  _, tok, model, params = pretrain.load_trained(workdir)
+  _, tok, model, params = runs.load_trained(workdir)
   if model.cfg.family == 'encoder_decoder':
     raise UserError(f'{workdir} holds an encoder-decoder model, which translates one source at a '
                     'time and keeps no conversation; use --mode=generate --prompt=SOURCE.')

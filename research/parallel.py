@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
@@ -136,11 +137,9 @@ def check_batch(global_batch: int, mesh: Mesh) -> None:
 
 
 def check_fits(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError unless config.mesh fits the devices and (in the loop's stages) each
-  micro-batch splits over its batch axes: checked before a run writes anything."""
-  mesh = make_mesh(config.mesh)
-  if config.stage != 'ppo':  # PPO sizes its updates by ppo.minibatch_size on one device.
-    check_batch(config.train.batch_size // config.train.grad_accum_steps, mesh)
+  """Raises UserError unless config.mesh fits the devices and each micro-batch splits over its
+  batch axes: checked before a run writes anything."""
+  check_batch(config.train.batch_size // config.train.grad_accum_steps, make_mesh(config.mesh))
 
 
 def process_slice(global_batch: int) -> slice:
@@ -152,6 +151,14 @@ def process_slice(global_batch: int) -> slice:
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles this process's rows of a batch into global arrays sharded as `sharding`."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of a tree of (global) arrays, whole on every process (gathered across
+  processes when there are several)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,

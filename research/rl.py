@@ -1,5 +1,6 @@
 """The arithmetic of RLHF, as pure functions of arrays: sequence log-probs, KL estimators, GAE,
-the PPO surrogate and value losses, the adaptive KL coefficient, and the DPO loss.
+the PPO surrogate and value losses, the adaptive KL coefficient, the DPO loss, and a reward
+model's normalised scores.
 
 Conventions: a rollout is a batch of left-padded prompts [batch, prompt_len] followed by
 responses [batch, resp_len]; response arrays are [batch, resp_len] with `mask` 1 on the tokens up
@@ -8,6 +9,10 @@ References: Schulman et al. 2017 (PPO), 2016 (GAE); Ziegler et al. 2019 (adaptiv
 al. 2024 ("The N Implementation Details of RLHF with PPO"); Rafailov et al. 2023 (DPO).
 """
 
+from typing import Any
+
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +54,9 @@ def last_index(mask: jnp.ndarray) -> jnp.ndarray:
   return (length - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)).astype(jnp.int32)
 
 
+KL_ESTIMATORS = ('k1', 'k3')
+
+
 def kl_estimate(logp: jnp.ndarray, ref_logp: jnp.ndarray, kind: str) -> jnp.ndarray:
   """Per-token estimate of KL(policy || reference) from log-probs of sampled tokens.
 
@@ -60,7 +68,7 @@ def kl_estimate(logp: jnp.ndarray, ref_logp: jnp.ndarray, kind: str) -> jnp.ndar
   if kind == 'k3':
     log_ratio = ref_logp - logp
     return jnp.expm1(log_ratio) - log_ratio
-  raise ValueError(f'unknown KL estimator {kind!r}; expected k1 or k3')
+  raise ValueError(f'unknown KL estimator {kind!r}; expected one of {KL_ESTIMATORS}')
 
 
 def token_rewards(score: jnp.ndarray, kl: jnp.ndarray, mask: jnp.ndarray,
@@ -164,3 +172,25 @@ def response_window(x: jnp.ndarray, resp_len: int) -> jnp.ndarray:
   """The model outputs [batch, prompt_len + resp_len, ...] that predict the response tokens:
   those at positions prompt_len - 1 ... prompt_len + resp_len - 2."""
   return x[:, -resp_len - 1:-1]
+
+
+def last_token_scores(model: nn.Module, params: Any, tokens: jnp.ndarray,
+                      positions: jnp.ndarray | None, segment_ids: jnp.ndarray) -> jnp.ndarray:
+  """The scalar head at each row's last non-padding token (segment_ids > 0): [batch]."""
+  scores = model.apply({'params': params}, tokens, positions, segment_ids)
+  return jnp.take_along_axis(scores, last_index(segment_ids)[:, None], axis=1)[:, 0]
+
+
+@flax.struct.dataclass
+class RewardModel:
+  """A reward model with its normalisation (a pytree: pass it to jitted functions)."""
+  model: nn.Module = flax.struct.field(pytree_node=False)  # A ScalarLM.
+  params: Any
+  gain: float
+  bias: float
+
+  def score(self, tokens: jnp.ndarray, positions: jnp.ndarray,
+            segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """Normalised rewards [batch] of sequences [batch, len] at their last non-padding token."""
+    raw = last_token_scores(self.model, self.params, tokens, positions, segment_ids)
+    return self.gain * raw + self.bias

@@ -20,11 +20,12 @@ from research import config as config_lib  # pylint: disable=g-import-not-at-top
 from research import decoding, parallel, perf
 from research.metrics import read_jsonl
 from research.train import pretrain
+from research import runs
 from tests.conftest import tiny_config
 
 
 def greedy(workdir: str) -> str:
-  config, tok, model, params = pretrain.load_trained(workdir)
+  config, tok, model, params = runs.load_trained(workdir)
   prompts, mask = decoding.left_pad([[tok.bos_id] + tok.encode('def ')], tok.pad_id)
   out = decoding.sample(model, params, prompts, mask, jax.random.key(0), max_new_tokens=12,
                         temperature=0.0, top_k=0, top_p=1.0, eos_id=tok.eos_id,
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
   config.sampling.update(temperature=0.0, max_new_tokens=12)
   if jax.process_index() == 0:
     config_lib.save_to_workdir(config, workdir)
-  result = pretrain.train_and_evaluate(config, workdir)
+  result = pretrain.train(config, workdir)
   block = result.params['block_0']
   kernel = (block['moe']['experts'] if 'moe' in block else block['ffn'])['wi']['kernel']
   losses = {r['step']: r['train/loss'] for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))

@@ -254,7 +254,7 @@ def test_pretrain_runs_with_each_block_choice(kw, tiny_corpus, tmp_path):
                        checkpoint_every=12, log_every=4)
   config.model.update(**kw)
   config.sampling.max_new_tokens = 2
-  result = pretrain.train_and_evaluate(config, str(tmp_path))
+  result = pretrain.train(config, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   losses = [r['train/loss'] for r in rows if 'train/loss' in r]
   assert losses[-1] < 0.9 * losses[0] and np.isfinite(result.metrics['eval/loss'])
@@ -265,7 +265,7 @@ def test_mlm_stage(tiny_corpus, tmp_path):
                        checkpoint_every=16, log_every=8)
   config.stage, config.model.family, config.mlm.next_sentence = 'mlm', 'encoder', True
   config_lib.validate(config)
-  result = mlm.train_and_evaluate(config, str(tmp_path))
+  result = mlm.train(config, str(tmp_path))
   with open(tmp_path / 'data' / 'stats.json') as f:
     stats = json.load(f)
   for key in ('eval/accuracy', 'eval/nsp_accuracy', 'eval/nsp_loss', 'train/nsp_loss'):
@@ -285,7 +285,7 @@ def test_seq2seq_stage(tmp_path, monkeypatch):
                       eval_batches=1, checkpoint_every=6)  # Micro-batches weighted by tokens.
   config.sampling.num_beams = 2
   config_lib.validate(config)
-  result = seq2seq.train_and_evaluate(config, str(tmp_path))
+  result = seq2seq.train(config, str(tmp_path))
   assert 0 <= result.metrics['eval/exact_match'] <= 1
   with open(tmp_path / 'results.json') as f:
     results = json.load(f)

@@ -25,7 +25,7 @@ from research import decoding, hf, tokenizers
 from research.errors import UserError
 from research.nn.config import ModelConfig
 from research.nn.transformer import DecoderLM, init_decoder
-from research.train import pretrain
+from research import runs
 from tests import hf_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def greedy_both(model: DecoderLM, params, tok, ref) -> tuple[list[int], list[int
 @pytest.mark.parametrize('arch', hf_models.ARCHS)
 def test_imported_logits_equal_transformers(hf_dir, arch):
   """float32 logits of a padded batch within 1e-4 of transformers' (at the real tokens)."""
-  _, tok, model, params = pretrain.load_trained('hf:' + hf_dir(arch))
+  _, tok, model, params = runs.load_trained('hf:' + hf_dir(arch))
   ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir(arch)).eval()
   ids, mask, positions = padded_batch(tok.vocab_size)
   want = torch_logits(ref, ids, mask, positions)
@@ -87,7 +87,7 @@ def test_imported_logits_equal_transformers(hf_dir, arch):
 @pytest.mark.parametrize('arch', hf_models.ARCHS)
 def test_greedy_generation_equals_transformers(hf_dir, arch):
   """32 greedy tokens through our KV-cache decoder equal transformers' generate."""
-  _, tok, model, params = pretrain.load_trained('hf:' + hf_dir(arch))
+  _, tok, model, params = runs.load_trained('hf:' + hf_dir(arch))
   ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir(arch)).eval()
   ours, theirs = greedy_both(model, params, tok, ref)
   assert len(ours) >= 8 and ours == theirs
@@ -98,7 +98,7 @@ def test_sliding_window_equals_transformers(tmp_path):
   cache (the window slides past the prompt), equal transformers'."""
   directory = hf_models.make_model('mistral', str(tmp_path / 'window'),
                                    config={'sliding_window': 4})
-  _, tok, model, params = pretrain.load_trained('hf:' + directory)
+  _, tok, model, params = runs.load_trained('hf:' + directory)
   assert model.cfg.sliding_window == 4
   ref = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
   ids, mask, positions = padded_batch(tok.vocab_size)
@@ -112,7 +112,7 @@ def test_sliding_window_equals_transformers(tmp_path):
 def test_import_export_round_trip(hf_dir, arch, tmp_path):
   """Imported, exported (Llama's in shards with an index) and loaded by transformers: the same
   logits and tokenizer ids."""
-  _, tok, model, params = pretrain.load_trained('hf:' + hf_dir(arch))
+  _, tok, model, params = runs.load_trained('hf:' + hf_dir(arch))
   out = str(tmp_path / 'export')
   shard_bytes = 300_000 if arch == 'llama' else 2**30
   assert hf.save(out, model.cfg, params, tok, max_shard_bytes=shard_bytes) == arch
@@ -133,8 +133,8 @@ def test_half_precision_checkpoints_load(tmp_path, dtype):
   """bfloat16 and float16 files load, as the float32 weights rounded to that type."""
   half = hf_models.make_model('qwen2', str(tmp_path / 'half'), dtype=dtype)
   full = hf_models.make_model('qwen2', str(tmp_path / 'full'))
-  _, _, _, got = pretrain.load_trained('hf:' + half)
-  _, _, _, want = pretrain.load_trained('hf:' + full)
+  _, _, _, got = runs.load_trained('hf:' + half)
+  _, _, _, want = runs.load_trained('hf:' + full)
   to_half = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}[dtype]
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert g.dtype == np.float32
@@ -142,7 +142,7 @@ def test_half_precision_checkpoints_load(tmp_path, dtype):
 
 
 def test_export_refuses_an_existing_directory_and_leaves_it(hf_dir, tmp_path):
-  _, tok, model, params = pretrain.load_trained('hf:' + hf_dir('llama'))
+  _, tok, model, params = runs.load_trained('hf:' + hf_dir('llama'))
   (tmp_path / 'keep.txt').write_text('mine')
   with pytest.raises(UserError, match='exists'):
     hf.save(str(tmp_path), model.cfg, params, tok)
@@ -335,28 +335,28 @@ def test_bad_checkpoints_are_refused_in_one_line(hf_dir, tmp_path):
     missing = sorted(set(json.load(f)['weight_map'].values()))[1]
   os.remove(os.path.join(sharded, missing))
   with pytest.raises(UserError, match=f'lists {missing}, which is missing'):
-    pretrain.load_trained('hf:' + sharded)
+    runs.load_trained('hf:' + sharded)
   # A shape that does not match config.json.
   wrong = broken_copy(hf_dir('llama'), str(tmp_path / 'shape'))
   edit_config(wrong, intermediate_size=96)
   with pytest.raises(UserError, match=r'mlp\.\w+_proj\.weight .* has shape .* but config.json '
                      'implies'):
-    pretrain.load_trained('hf:' + wrong)
+    runs.load_trained('hf:' + wrong)
   # An unsupported architecture, and a supported one with maths not implemented here.
   other = broken_copy(hf_dir('llama'), str(tmp_path / 'other'))
   edit_config(other, model_type='falcon', architectures=['FalconForCausalLM'])
   with pytest.raises(UserError, match="architecture 'falcon'.*not supported"):
-    pretrain.load_trained('hf:' + other)
+    runs.load_trained('hf:' + other)
   yarn = broken_copy(hf_dir('llama'), str(tmp_path / 'yarn'))
   edit_config(yarn, rope_parameters={'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0})
   with pytest.raises(UserError, match="rope type 'yarn' is not supported"):
-    pretrain.load_trained('hf:' + yarn)
+    runs.load_trained('hf:' + yarn)
   # A tokenizer.json with more ids than the embedding has rows.
   small = broken_copy(hf_dir('gpt2'), str(tmp_path / 'small'))
   edit_config(small, vocab_size=500)
   with pytest.raises(UserError, match='the tokenizer has 900 ids but the embedding '
                      'model.vocab_size=500 rows'):
-    pretrain.load_trained('hf:' + small)
+    runs.load_trained('hf:' + small)
   # On the command line: one line on stderr, exit status 2, no traceback.
   proc = subprocess.run([sys.executable, 'launch.py', '--experiment=sft_lora_small',
                          f'--config.train.init_from=hf:{other}',
@@ -384,9 +384,9 @@ def test_sft_lora_from_hf_then_export(hf_dir, tmp_path):
   export = subprocess.run(common + ['--mode=export_hf', f'--out={out}'], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=env)
   assert export.returncode == 0, export.stderr[-3000:]
-  config, tok, model, merged = pretrain.load_trained(workdir)
+  config, tok, model, merged = runs.load_trained(workdir)
   assert config.lora.rank > 0 and config.tokenizer.kind == 'hf'
-  _, _, _, base = pretrain.load_trained('hf:' + hf_dir('qwen2'))
+  _, _, _, base = runs.load_trained('hf:' + hf_dir('qwen2'))
   moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(merged),
                                                          jax.tree.leaves(base)))
   assert moved > 1e-3  # The adapters learned something.

@@ -1,8 +1,10 @@
 """launch.py on bad input: one clear line, exit code 2, nothing in the workdir lost."""
 
+import ast
 import importlib
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -175,11 +177,42 @@ def test_attention_kernel_may_change_in_a_workdir(tmp_path):
     config_lib.save_to_workdir(config, str(tmp_path))
 
 
-def test_stages_are_the_modules_that_define_a_trainer():
+def test_stages_are_the_registered_ones():
   with pytest.raises(UserError) as err:
-    stages.stage_module('stages')  # Mentions train_and_evaluate( but defines none.
+    stages.get('stages')
   listed = re.search(r'not one of \[(.*)\]', str(err.value)).group(1)
   assert listed == "'dpo', 'mlm', 'ppo', 'pretrain', 'reward', 'rlhf', 'seq2seq', 'sft'"
+  assert [s.name for s in stages.all_stages()] == list(stages.MODULES)
+  needs = {s.name: [n.stage for n in s.needs] for s in stages.all_stages()}
+  assert needs['ppo'] == ['sft', 'reward'] and needs['dpo'] == ['sft'] and needs['pretrain'] == []
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+  """The research.* modules a file imports (`from research.train import a, b` counts a and b)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      found |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      found |= {node.module} | {f'{node.module}.{a.name}' for a in node.names}
+  return {m for m in found if m.startswith('research.')}
+
+
+def test_no_stage_module_imports_another_and_no_function_is_long():
+  """Shared needs live in runs.py, data/, rl.py or research/train's shared modules (lm, loop,
+  optimizer, stages), not in another stage; no function under research/ exceeds 80 lines."""
+  root = pathlib.Path(stages.__file__).parent
+  stage_modules = set(stages.MODULES.values())
+  for name, module in stages.MODULES.items():
+    others = imported_modules(root / f'{name}.py') & (stage_modules - {module})
+    assert not others, f'{module} imports {others}'
+  long = []
+  for path in root.parent.rglob('*.py'):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        if node.end_lineno - node.lineno + 1 > 80:
+          long.append(f'{path.name}:{node.name}')
+  assert not long
 
 
 def test_a_workdir_keeps_its_layer_layout_and_may_change_remat_and_dtype(tmp_path):
@@ -194,3 +227,25 @@ def test_a_workdir_keeps_its_layer_layout_and_may_change_remat_and_dtype(tmp_pat
   with pytest.raises(UserError, match='model.scan_layers: False there, True now') as err:
     config_lib.save_to_workdir(config, str(tmp_path))
   assert '\n' not in str(err.value)
+
+
+def test_rlhf_pipeline_is_flat_and_an_earlier_stage_is_overridden_by_name():
+  """rlhf_small's config holds each earlier stage's changes only (44,525 characters of nested
+  configs before), and --config.earlier.sft.train.steps reaches the SFT stage alone."""
+  from experiments import rlhf_small  # pylint: disable=g-import-not-at-top
+  config = rlhf_small.get_config()
+  assert len(config.to_json(indent=2)) < 44525 / 3
+  assert sorted(config.earlier) == ['dpo', 'ppo', 'reward', 'sft']
+  proc = subprocess.run(
+      [sys.executable, '-c', 'import sys, launch; from absl import flags; '
+       'launch.parse_flags(sys.argv); print(flags.FLAGS.config.earlier.sft.train.steps)',
+       '--experiment=rlhf_small', '--config.earlier.sft.train.steps=7'],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, timeout=120)
+  assert proc.stdout.strip().splitlines()[-1] == '7', proc.stderr[-2000:]
+  config.earlier.sft.train.steps = 7
+  sft = stages.earlier_config(config, 'sft')
+  assert (sft.stage, sft.train.steps, sft.train.learning_rate) == ('sft', 7, 2e-3)
+  ppo = stages.earlier_config(config, 'ppo')
+  assert (ppo.train.steps, ppo.ppo.epochs, ppo.sft.kinds) == (300, 2, ('sort',))
+  assert stages.earlier_config(config, 'reward').reward.policy_pairs == 48000

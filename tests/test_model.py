@@ -12,6 +12,7 @@ from research.nn.kernels import cpu
 from research.nn.config import ModelConfig
 from research.nn.position import apply_rope
 from research.nn.transformer import DecoderLM, embedding
+from research.train import lm
 
 VOCAB, B, T = 37, 2, 12
 
@@ -248,13 +249,12 @@ def test_remat_keeps_the_loss_and_gradients(remat):
 @pytest.mark.parametrize('tie', [True, False])
 def test_chunked_loss_equals_the_whole_batch_loss(tie):
   """train.loss_chunk: the loss, accuracy and gradients of lm_loss over the full logits."""
-  from research.train import pretrain
   model, params, tokens = build(tie_embeddings=tie)
   targets = jnp.roll(tokens, -1, axis=1)
   weights = (jnp.arange(T) < T - 2).astype(jnp.float32)[None].repeat(B, 0)
   batch = {'inputs': tokens, 'targets': targets, 'weights': weights}
-  full_loss, _ = pretrain.lm_fns(model)
-  chunk_loss, _ = pretrain.lm_fns(model, loss_chunk=4)
+  full_loss, _ = lm.lm_fns(model)
+  chunk_loss, _ = lm.lm_fns(model, loss_chunk=4)
   key = jax.random.key(0)
   want, want_grads = jax.value_and_grad(full_loss, has_aux=True)(params, batch, key)
   got, got_grads = jax.value_and_grad(chunk_loss, has_aux=True)(params, batch, key)

@@ -19,6 +19,7 @@ from research.nn.config import ModelConfig
 from research.nn.ffn import FeedForward
 from research.nn.transformer import DecoderLM
 from research.train import pretrain
+from research.train import lm
 from tests.conftest import tiny_config
 
 G, S, D, E = 2, 8, 8, 4
@@ -257,7 +258,7 @@ def test_pretrain_loss_adds_the_weighted_aux_losses(moe_lm):
     loss, metrics = task.loss_fn(params, batch, key)
     logits, _ = model.apply({'params': params}, batch['inputs'], deterministic=False,
                             rngs={'dropout': key})
-    return loss, metrics, pretrain.lm_loss(logits, batch['targets'])[0]
+    return loss, metrics, lm.lm_loss(logits, batch['targets'])[0]
 
   loss, metrics, lm_loss = losses(params, jax.random.key(1))
   check_aux_losses(config, metrics)
@@ -288,7 +289,7 @@ def test_pretrain_moe_small_trains_with_balanced_load(tmp_path):
   gets between 1/(4M) and 4/M of the tokens at the end."""
   from experiments import pretrain_moe_small  # pylint: disable=g-import-not-at-top
   config = pretrain_moe_small.get_config()
-  result = pretrain.train_and_evaluate(config, str(tmp_path))
+  result = pretrain.train(config, str(tmp_path))
   check_aux_losses(config, result.metrics, prefix='train/')
   assert result.metrics['eval/loss'] < 2.2  # 2.115 / 2.096 (seeds 0 / 1) in the docstring.
 

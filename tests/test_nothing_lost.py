@@ -19,6 +19,7 @@ from research import checkpoint
 from research import config as config_lib
 from research.errors import UserError
 from research.train import pretrain
+from research import runs
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +64,7 @@ def snapshot(directory: str) -> dict[str, bytes]:
 
 
 def final_params(workdir: str) -> list[np.ndarray]:
-  _, _, _, params = pretrain.load_trained(workdir)
+  _, _, _, params = runs.load_trained(workdir)
   return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
@@ -104,11 +105,11 @@ def trained_to_8(tmp_path_factory, tiny_corpus):
   root = tmp_path_factory.mktemp('damaged')
   base = str(root / 'base')
   config_lib.save_to_workdir(tiny_config(tiny_corpus), base)
-  pretrain.train_and_evaluate(tiny_config(tiny_corpus), base)
+  pretrain.train(tiny_config(tiny_corpus), base)
   reference = str(root / 'reference')
   shutil.copytree(base, reference)
   shutil.rmtree(os.path.join(reference, 'checkpoints', '8'))
-  pretrain.train_and_evaluate(tiny_config(tiny_corpus, steps=12), reference)
+  pretrain.train(tiny_config(tiny_corpus, steps=12), reference)
   return base, final_params(reference)
 
 
@@ -123,7 +124,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(trained_to_8, tiny_
   shutil.copytree(base, workdir)
   damage(os.path.join(workdir, 'checkpoints', '8'))
   capsys.readouterr()
-  pretrain.train_and_evaluate(tiny_config(tiny_corpus, steps=12), workdir)
+  pretrain.train(tiny_config(tiny_corpus, steps=12), workdir)
   out = capsys.readouterr().out
   assert re.search(r'warning: the checkpoint at step 8 is damaged \(.+\); trying an older one',
                    out), out
@@ -141,7 +142,7 @@ def test_no_intact_checkpoint_is_one_line_and_changes_nothing(trained_to_8, tmp_
     delete_metadata(os.path.join(workdir, 'checkpoints', step))
   before = snapshot(workdir)
   with pytest.raises(UserError, match=r'no checkpoint in .*checkpoints loads \(steps 8, 4; '):
-    pretrain.load_trained(workdir)
+    runs.load_trained(workdir)
   assert snapshot(workdir) == before
 
 
@@ -163,10 +164,10 @@ def test_a_resumed_run_logs_what_the_uninterrupted_one_logged(tiny_corpus, tmp_p
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       return {r['step']: r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r}
   whole, resumed = str(tmp_path / 'whole'), str(tmp_path / 'resumed')
-  pretrain.train_and_evaluate(tiny_config(tiny_corpus, log_every=3), whole)
+  pretrain.train(tiny_config(tiny_corpus, log_every=3), whole)
   shutil.copytree(whole, resumed)
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '8'))  # Crashed before its step-8 save.
-  pretrain.train_and_evaluate(tiny_config(tiny_corpus, log_every=3), resumed)
+  pretrain.train(tiny_config(tiny_corpus, log_every=3), resumed)
   assert losses(whole) == losses(resumed)
   assert sorted(losses(whole)) == [3, 4, 6, 8]
 
@@ -194,7 +195,7 @@ def test_divergence_halts_and_its_command_resumes_from_good_weights(tiny_corpus,
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert max(ckpt.steps()) == step
   ckpt.close()
-  _, _, _, params = pretrain.load_trained(workdir)
+  _, _, _, params = runs.load_trained(workdir)
   biggest = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(params))
   assert np.isfinite(biggest) and biggest < 100
   strict_json_lines(os.path.join(workdir, 'metrics.jsonl'))

@@ -187,7 +187,7 @@ def test_rollout_of_the_reference_policy_has_zero_kl(tok, lm_params):
   cfg = default_config()
   settings = {**cfg.ppo.to_dict(), 'max_new_tokens': 6, 'eos_id': tok.eos_id,
               'pad_id': tok.pad_id}
-  rm = reward.RewardModel(ScalarLM(CFG), init_scalar_head(CFG, jax.random.key(2), lm_params),
+  rm = rl.RewardModel(ScalarLM(CFG), init_scalar_head(CFG, jax.random.key(2), lm_params),
                           1.0, 0.0)
   models = ppo.Models(DecoderLM(CFG), ScalarLM(CFG), tuple(sorted(settings.items())), lm_params,
                       rm)
@@ -315,6 +315,7 @@ def test_policy_pairs_are_the_wrong_replies_against_the_answer(monkeypatch):
   assert [(p.prompt[0]['content'], p.chosen, p.rejected) for p in pairs] == [
       (problems[2].prompt, problems[2].answer, '9 9'), (problems[3].prompt, problems[3].answer, '')]
   config.reward.path = 'pairs.jsonl'
+  config.stage = 'reward'  # The reward stage's own check.
   with pytest.raises(UserError, match='reward.policy_pairs=4 needs the built-in pairs'):
     config_lib.validate(config)
 
@@ -359,14 +360,11 @@ def test_jsonl_sft_and_reward_data_must_hold_out_the_same_share(tmp_path):
 def test_rlhf_pipeline_runs_end_to_end_through_launch(tmp_path):
   """rlhf_small with every stage shrunk to a few steps: all stages run, the table is written,
   a rerun skips the finished stages, and the PPO policy loads for generation."""
-  shrink = []
+  shrink = ['--config.sft.num_held_out=64', '--config.sft.pretrain.steps=10',  # Every stage's.
+            '--config.reward.normalise_samples=64', '--config.earlier.reward.reward.policy_pairs=256']
   for stage, steps in (('sft', 20), ('reward', 10), ('ppo', 3), ('dpo', 10)):
-    shrink += [f'--config.earlier.{stage}.train.steps={steps}',
-               f'--config.earlier.{stage}.train.eval_every={steps}',
-               f'--config.earlier.{stage}.sft.num_held_out=64']
-  shrink += ['--config.earlier.sft.sft.pretrain.steps=10',
-             '--config.earlier.reward.reward.normalise_samples=64',
-             '--config.earlier.reward.reward.policy_pairs=256']
+    shrink += [f'--config.earlier.{stage}.train.steps={steps}',  # One stage's.
+               f'--config.earlier.{stage}.train.eval_every={steps}']
   cmd = [sys.executable, sweep.LAUNCH, '--experiment=rlhf_small', f'--workdir={tmp_path}'] + shrink
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -393,9 +391,9 @@ def test_pairs_from_a_file_are_split_by_prompt(tmp_path):
                           for i in range(200)))
   config = default_config()
   config.reward.update(path=str(path), held_out_fraction=0.2)
-  train, held_out = reward.load_pairs(config)
+  train, held_out = preferences.load_pairs(config)
   assert len(train) + len(held_out) == 200 and 20 < len(held_out) < 60
   assert not {p.prompt[0]['content'] for p in train} & {p.prompt[0]['content'] for p in held_out}
   config.reward.held_out_fraction = 0.0
   with pytest.raises(UserError, match='0 held-out'):
-    reward.load_pairs(config)
+    preferences.load_pairs(config)

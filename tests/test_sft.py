@@ -19,6 +19,8 @@ from research.nn import lora
 from research.nn.config import ModelConfig
 from research.nn.transformer import DecoderLM
 from research.train import pretrain, sft
+from research import runs
+from research.data import preferences
 from tests.conftest import tiny_config
 
 TARGETS = default_config().lora.targets
@@ -143,7 +145,7 @@ def pretrained(tiny_corpus, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('pre'))
   c = tiny_config(tiny_corpus, steps=2, seq_len=64)
   c.model.max_len = 128
-  pretrain.train_and_evaluate(c, workdir)
+  pretrain.train(c, workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(c.to_json())
   return workdir
@@ -155,12 +157,12 @@ def test_lora_trains_only_adapters_from_init_from(tiny_corpus, pretrained, tmp_p
   c.lora.update(rank=2, alpha=4.0)
   c.train.learning_rate = 1e-2
   workdir = str(tmp_path)
-  result = sft.train_and_evaluate(c, workdir)
+  result = sft.train(c, workdir)
   flat = traverse_util.flatten_dict(result.params)
   assert all(k[-1] in ('a', 'b') for k in flat)  # The checkpointed state: adapters only.
   assert all(np.abs(v).max() > 0 for k, v in flat.items() if k[-1] == 'b')
-  _, _, _, base = pretrain.load_trained(pretrained)
-  _, _, _, tuned = pretrain.load_trained(workdir)  # Base + merged adapters.
+  _, _, _, base = runs.load_trained(pretrained)
+  _, _, _, tuned = runs.load_trained(workdir)  # Base + merged adapters.
   targeted = set(lora.target_paths(base, TARGETS))
   for path, w in traverse_util.flatten_dict(base).items():
     changed = not np.array_equal(w, traverse_util.flatten_dict(tuned)[path])
@@ -211,16 +213,16 @@ def test_bad_init_from(tiny_corpus, pretrained, tmp_path):
   c = sft_config(tiny_corpus)
   c.train.init_from = str(tmp_path / 'nothing')
   with pytest.raises(UserError, match='holds no run'):
-    sft.train_and_evaluate(c, str(tmp_path / 'a'))
+    sft.train(c, str(tmp_path / 'a'))
   c.lora.rank = 4
   c.train.init_from = ''
   with pytest.raises(UserError, match='lora.rank=4 needs weights to adapt'):
-    sft.train_and_evaluate(c, str(tmp_path / 'c'))
+    sft.train(c, str(tmp_path / 'c'))
   c.lora.rank = 0
   c.train.init_from = pretrained
   c.model.d_model = 64
   with pytest.raises(UserError, match='another architecture.*model.d_model: 32 there, 64 here'):
-    sft.train_and_evaluate(c, str(tmp_path / 'b'))
+    sft.train(c, str(tmp_path / 'b'))
 
 
 def test_synthetic_held_out_is_disjoint_and_checkable():
@@ -235,7 +237,6 @@ def test_synthetic_held_out_is_disjoint_and_checkable():
 def test_jsonl_records_split_by_prompt_as_preference_pairs_do(tmp_path):
   """Two answers to one prompt fall on one side, and a preference pair lands on the side of
   the SFT records of its prompt (DPO scores the SFT held-out prompts after training on pairs)."""
-  from research.train import reward  # pylint: disable=g-import-not-at-top
   questions = [f'What is {i} plus {i}?' for i in range(300)]
   with open(tmp_path / 'sft.jsonl', 'w') as f:
     for q in questions:
@@ -251,5 +252,5 @@ def test_jsonl_records_split_by_prompt_as_preference_pairs_do(tmp_path):
   assert 0.1 < len(held_questions) / len(questions) < 0.3
   config = default_config()
   config.reward.update(path=str(tmp_path / 'pairs.jsonl'), held_out_fraction=0.2)
-  _, held_pairs = reward.load_pairs(config)
+  _, held_pairs = preferences.load_pairs(config)
   assert {p.prompt[0]['content'] for p in held_pairs} == held_questions

@@ -41,7 +41,7 @@ def losses(workdir):
 @pytest.fixture(scope='module')
 def uninterrupted(tiny_corpus, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('full'))
-  result = pretrain.train_and_evaluate(tiny_config(tiny_corpus), workdir)
+  result = pretrain.train(tiny_config(tiny_corpus), workdir)
   return workdir, result
 
 
@@ -49,7 +49,7 @@ def test_loss_falls_and_outputs_exist(tiny_corpus, tmp_path):
   workdir = str(tmp_path)
   config = tiny_config(tiny_corpus, steps=60, learning_rate=1e-2, eval_every=30,
                        checkpoint_every=30, log_every=10)
-  result = pretrain.train_and_evaluate(config, workdir)
+  result = pretrain.train(config, workdir)
   with open(os.path.join(workdir, 'data', 'stats.json')) as f:
     entropy = json.load(f)['val_unigram_entropy']
   first = losses(workdir)[10]
@@ -93,10 +93,10 @@ def test_resume_after_crash_gives_identical_losses(tiny_corpus, tmp_path, monkey
 
   monkeypatch.setattr(lm, 'lm_batch', crash_at_step_6)
   with pytest.raises(RuntimeError, match='simulated crash'):
-    pretrain.train_and_evaluate(config, workdir)
+    pretrain.train(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4']
   monkeypatch.setattr(lm, 'lm_batch', real_batch)
-  resumed = pretrain.train_and_evaluate(config, workdir)
+  resumed = pretrain.train(config, workdir)
 
   full_dir, full = uninterrupted
   assert losses(workdir) == losses(full_dir)  # Steps 1..8, bit for bit.
@@ -110,7 +110,7 @@ def test_gradient_accumulation_may_change_on_resume(tiny_corpus, tmp_path):
   workdir = str(tmp_path)
   for steps, accum in ((4, 1), (8, 2), (12, 1)):
     config = tiny_config(tiny_corpus, steps=steps, grad_accum_steps=accum, eval_every=100)
-    result = pretrain.train_and_evaluate(config, workdir)
+    result = pretrain.train(config, workdir)
     assert np.isfinite(result.metrics['train/loss'])
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'))
   tx = make_optimizer(config.train, config_lib.flat_optimizer(config))
@@ -310,7 +310,7 @@ def test_nan_loss_stops_with_a_clear_error(tiny_corpus, tmp_path):
   config = tiny_config(tiny_corpus, learning_rate=1e12, warmup_steps=1, grad_clip=0.0, steps=30,
                        checkpoint_every=1)
   with pytest.raises(UserError, match=r'became nan at step \d+: training diverged') as err:
-    pretrain.train_and_evaluate(config, str(tmp_path))
+    pretrain.train(config, str(tmp_path))
   bad_step = int(re.search(r'at step (\d+)', str(err.value)).group(1))
   saved = [int(s) for s in os.listdir(os.path.join(tmp_path, 'checkpoints'))]
   assert saved and max(saved) < bad_step  # Only weights with a finite loss were saved.
@@ -351,7 +351,7 @@ def test_a_signal_during_eval_saves_after_the_next_step(tiny_corpus, tmp_path, m
   monkeypatch.setattr(loop, 'evaluate', evaluate_then_signal)
   config = tiny_config(tiny_corpus, steps=10, eval_every=2, checkpoint_every=100)
   with pytest.raises(loop.Interrupted, match='SIGTERM after step 3') as stopped:
-    pretrain.train_and_evaluate(config, str(tmp_path))
+    pretrain.train(config, str(tmp_path))
   assert stopped.value.signum == signal.SIGTERM
   assert os.listdir(os.path.join(tmp_path, 'checkpoints')) == ['3']
   with open(tmp_path / 'summary.json') as f:
@@ -362,7 +362,7 @@ def test_a_signal_during_eval_saves_after_the_next_step(tiny_corpus, tmp_path, m
 def test_pretrain_runs_with_each_tokenizer(kind, tiny_corpus, tmp_path):
   config = tiny_config(tiny_corpus, steps=2, eval_every=2, checkpoint_every=2)
   config.tokenizer.update(kind=kind, vocab_size=300)  # sentencepiece: 291 <= vocab <= 317 here
-  result = pretrain.train_and_evaluate(config, str(tmp_path))
+  result = pretrain.train(config, str(tmp_path))
   assert np.isfinite(result.metrics['eval/loss'])
   with open(os.path.join(tmp_path, 'tokenizer', 'tokenizer.json')) as f:
     assert json.load(f)['kind'] == kind

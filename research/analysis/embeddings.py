@@ -132,8 +132,8 @@ def analyze_workdir(workdir: str, words: Sequence[str], analogies: Sequence[str]
   """Loads the tokenizer and the latest checkpoint's embedding matrix of a trained workdir (or of
   a Hugging Face model 'hf:DIR'; the plot goes into DIR)."""
   from research import hf  # pylint: disable=g-import-not-at-top
-  from research.train import pretrain  # pylint: disable=g-import-not-at-top
-  _, tokenizer, _, params = pretrain.load_trained(workdir)
+  from research import runs  # pylint: disable=g-import-not-at-top
+  _, tokenizer, _, params = runs.load_trained(workdir)
   embedding = params.get('embed', {}).get('embedding')
   if embedding is None:
     raise UserError(f'the model in {workdir} has no token embedding "embed/embedding".')

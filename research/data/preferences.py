@@ -13,6 +13,7 @@ another problem's answer.
 import dataclasses
 from typing import Any, Sequence
 
+import ml_collections
 import numpy as np
 
 from research.data import sft as sft_data
@@ -138,3 +139,23 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[Pair], seq_len: int
       out['tokens'][i, j, :n], out['completion'][i, j, :n], out['length'][i, j] = (
           s.tokens, s.weights, n)
   return out, kept
+
+
+def load_pairs(config: ml_collections.ConfigDict
+               ) -> tuple[list[Pair], list[Pair]]:
+  """(train, held-out) preference pairs: of the JSONL file reward.path, or of the built-in task."""
+  r = config.reward
+  if r.path:
+    pairs = read_jsonl(r.path)  # Held out by a hash of the prompt, as in SFT.
+    held = [bool(sft_data.split([sft_data.Record('', p.prompt)], r.held_out_fraction)[1])
+            for p in pairs]
+    train = [p for p, h in zip(pairs, held) if not h]
+    held_out = [p for p, h in zip(pairs, held) if h]
+  else:
+    train, held_out = (task_pairs(
+        synthetic.problems(split, n, config.seed, config.sft.kinds), config.seed + offset)
+        for split, n, offset in (('train', r.num_train, 0), ('held_out', r.num_held_out, 1)))
+  if not train or not held_out:
+    raise UserError(f'the preference data has {len(train)} train and {len(held_out)} held-out '
+                    'pairs; both need some: add pairs or change reward.held_out_fraction.')
+  return train, held_out

@@ -7,17 +7,23 @@ A record is one of the usual JSONL conventions:
 Conversations are rendered with the tokenizer's chat template (role tokens, EOS after each
 assistant turn); only assistant tokens (with their EOS) carry loss weight, plain text all of it.
 Rows hold several examples when packing (segment ids 1, 2, ...; positions restart per example;
-0 = padding), else one example each.
+0 = padding), else one example each. `load_records` gives a config's (train, held-out) records,
+`score` the held-out exact match of a model's greedy replies (SFT, DPO, PPO, RLHF report it).
 """
 
+import copy
 import dataclasses
 import json
 import os
 import zlib
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
+import jax
+import ml_collections
 import numpy as np
 
+from research import decoding
 from research.data import synthetic
 from research.errors import UserError
 from research.tokenizers import Tokenizer
@@ -221,3 +227,42 @@ def fixed_batches(rows: dict[str, np.ndarray], num_batches: int,
                     f'micro-batch of {batch_size}; add held-out examples or lower '
                     'train.batch_size.')
   return [{k: v[i * batch_size:(i + 1) * batch_size] for k, v in rows.items()} for i in range(n)]
+
+
+def load_records(config: ml_collections.ConfigDict
+                 ) -> tuple[list[Record], list[Record]]:
+  """(train, held-out) records: of the JSONL file sft.path, or of the built-in task."""
+  s = config.sft
+  if s.path:
+    train, held_out = split(read_jsonl(s.path), s.held_out_fraction)
+  else:
+    train, held_out = (task_records(synthetic.problems(part, n, config.seed, s.kinds))
+                       for part, n in (('train', s.num_train), ('held_out', s.num_held_out)))
+  if not train or not held_out:
+    raise UserError(f'the SFT data has {len(train)} train and {len(held_out)} held-out records; '
+                    'both need some: add records or change sft.held_out_fraction.')
+  return train, held_out
+
+
+def exact_match(model: nn.Module, params: Any, tok: Tokenizer,
+                records: Sequence[Record], sampling: ml_collections.ConfigDict,
+                max_new_tokens: int) -> list[bool]:
+  """Whether the greedy reply to each conversation's earlier turns equals its last (assistant)
+  message, stripped."""
+  s = copy.deepcopy(sampling)
+  s.update(dict(strategy='greedy', max_new_tokens=max_new_tokens))
+  prompts = [decoding.chat_prompt(tok, r.messages[:-1]) for r in records]
+  replies = decoding.generate(model, params, tok, prompts, s, jax.random.key(0))
+  return [synthetic.matches(tok.decode(reply), r.messages[-1]['content'])
+          for reply, r in zip(replies, records)]
+
+
+def score(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
+          tok: Tokenizer, records: Sequence[Record]) -> dict[str, float]:
+  """Held-out exact match: 'all', and per kind ('add', ...) for the built-in task."""
+  scored = [r for r in records if r.messages and r.messages[-1]['role'] == 'assistant']
+  correct = exact_match(model, params, tok, scored, config.sampling, config.sft.max_new_tokens)
+  out = {'all': float(np.mean(correct))}
+  for kind in sorted({r.where for r in scored} & set(synthetic.KINDS)):
+    out[kind] = float(np.mean([c for c, r in zip(correct, scored) if r.where == kind]))
+  return out

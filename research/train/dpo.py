@@ -10,7 +10,6 @@ the reward stage's (`reward.*` keys). Held-out exact match of greedy replies bef
 goes to <workdir>/exact_match.json.
 """
 
-import copy
 import functools
 import json
 import os
@@ -27,7 +26,8 @@ from research import rl
 from research.data import preferences
 from research.data import sft as sft_data
 from research.nn.transformer import DecoderLM, init_decoder
-from research.train import loop, pretrain, reward, sft
+from research import runs
+from research.train import loop, stages
 
 
 def completion_logprobs(model: DecoderLM, params: Any, batch: dict) -> jnp.ndarray:
@@ -89,30 +89,37 @@ def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, dict]:
   return task, task.train_batch(0, 0, slice(None))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+def train(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Trains the policy with DPO in `workdir` (resuming); writes exact_match.json."""
-  config = copy.deepcopy(config)
-  if not config.train.init_from:
-    config.train.init_from = reward.earlier_run(config, workdir, 'sft')
-  if jax.process_index() == 0:
-    config_lib.save_to_workdir(config, workdir)
-  tok, base = pretrain.init_from(config, workdir)
+  tok, base = runs.init_from(config, workdir)
   model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
   t = config.train
-  train, held_out = reward.load_pairs(config)
+  train, held_out = preferences.load_pairs(config)
   ref_fn = jax.jit(functools.partial(completion_logprobs, model, base))
   train_rows = with_reference(preferences.encode_pairs(tok, train, t.seq_len)[0], ref_fn,
                               t.batch_size)
   held_rows = with_reference(preferences.encode_pairs(tok, held_out, t.seq_len)[0], ref_fn,
                              t.batch_size)
   task = make_task(config, model, lambda key: base, train_rows, held_rows)
-  _, held_records = sft.load_records(config)
-  results = {'before': sft.score(config, model, base, tok, held_records)}
+  _, held_records = sft_data.load_records(config)
+  results = {'before': sft_data.score(config, model, base, tok, held_records)}
   print(f'held-out exact match before DPO: {results["before"]}', flush=True)
   result = loop.run(config, workdir, task)
-  results['after'] = sft.score(config, model, result.params, tok, held_records)
+  results['after'] = sft_data.score(config, model, result.params, tok, held_records)
   print(f'held-out exact match after DPO: {results["after"]}', flush=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'exact_match.json'), 'w') as f:
       json.dump(results, f, indent=2)
   return result
+
+
+def sections() -> dict[str, ml_collections.ConfigDict]:
+  # On the reward section's pairs.
+  return {'dpo': ml_collections.ConfigDict(dict(
+      beta=0.1,
+      nll_coef=0.0,  # > 0: plus this times the chosen answers' per-token NLL (RPO).
+  ))}
+
+
+STAGE = stages.Stage(name='dpo', train=train, needs=(stages.Need('sft'),), sections=sections,
+                     step_spec=step_spec, reads=('sft', 'pairs'))

@@ -3,7 +3,6 @@ checkpoints, preemption and NaN guards. A stage supplies a `Task`: its model, ba
 
 import collections
 import dataclasses
-import json
 import os
 import shlex
 import signal
@@ -23,6 +22,7 @@ from research import config as config_lib
 from research import metrics as metrics_lib
 from research import parallel
 from research import perf
+from research import runs
 from research.checkpoint import Checkpointer
 from research.data.prefetch import Prefetcher
 from research.errors import UserError
@@ -48,8 +48,20 @@ class Task:
   flops_per_token(params) -> training FLOPs per token, for MFU.
   start_params: the weights to start from (e.g. train.init_from's) instead of init_params(key)
     (which then only gives their shapes): moved onto the mesh (jax.device_put; arrays already
-    placed with the parameters' shardings, see `param_shardings`, stay where they are), never
-    captured into a compiled function.
+    placed with the parameters' shardings, see `param_shardings`, stay where they are; their
+    buffers are then donated to the first step), never captured into a compiled function.
+  frozen: weights the loss (and the rollout) read but do not train, e.g. LoRA's base or PPO's
+    reference: sharded like parameters and passed to loss_fn and eval_fn as `frozen=`.
+
+  RL stages collect their data with the current weights (the rollout hook):
+  rollout(params, frozen, extra, step) -> (extra, metrics), run at the start of every step, makes
+    the data that train_batch(step, u, rows) then returns for the step's `updates_per_step`
+    optimiser updates u (e.g. PPO's epochs x minibatches); its metrics (host floats) are logged
+    beside the updates'. `extra` is the task's own state (e.g. PPO's adaptive KL coefficient):
+    it starts as `init_extra` and is checkpointed with the weights, so a resumed run continues
+    exactly. rows_per_update: the rows of one update's batch (0: train.batch_size /
+    train.grad_accum_steps). evaluate(params) -> host metrics (e.g. exact match of generated
+    replies), logged with the eval metrics of eval_batches (which may then be empty).
   batch_weight(batch) -> float: what loss_fn averages over in a batch of numpy rows (e.g. the
     weighted target tokens), when it varies between batches; with train.grad_accum_steps > 1 each
     micro-batch's gradient (of the whole loss_fn, MoE auxiliary losses included) then counts in
@@ -67,6 +79,11 @@ class Task:
   batch_weight: Callable[[Batch], float] | None = None
   frozen: Params | None = None
   start_params: Params | None = None
+  rollout: Callable[[Params, Params, Any, int], tuple[Any, dict]] | None = None
+  updates_per_step: int = 1
+  rows_per_update: int = 0
+  init_extra: Any = None
+  evaluate: Callable[[Params], dict] | None = None
 
   def with_frozen(self, frozen: Params | None) -> dict[str, Params]:
     """The keyword arguments that pass `frozen` to loss_fn and eval_fn (none without)."""
@@ -77,6 +94,16 @@ class Task:
 class TrainState:
   params: Params
   opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class TaskState(TrainState):
+  """The train state of a task with its own state (`Task.init_extra`), checkpointed with it."""
+  extra: Any = None
+
+
+def new_state(params: Params, opt_state: optax.OptState, extra: Any = None) -> TrainState:
+  return TrainState(params, opt_state) if extra is None else TaskState(params, opt_state, extra)
 
 
 class Interrupted(Exception):
@@ -145,7 +172,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
                                 state.opt_state.acc_grads, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state), {
+    return state.replace(params=params, opt_state=opt_state), {
         'loss': loss, 'grad_norm': optimizer.grad_norm(step_grads, flat_optimizer), **aux}
   options = perf.compiler_options()
   if state_sharding is None:
@@ -208,24 +235,6 @@ def restore_state(ckpt: Checkpointer, step: int, state: TrainState) -> TrainStat
   return TrainState(saved.params, saved.opt_state.inner_opt_state)
 
 
-def restore_params(config: ml_collections.ConfigDict, workdir: str,
-                   init_params: Callable[[jax.Array], Params]) -> tuple[Params, int]:
-  """The parameters of the latest checkpoint in `workdir` and its step, on one device (for
-  inference), whatever mesh the checkpoint was saved from."""
-  tx = make_optimizer(config.train, config_lib.flat_optimizer(config))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      jax.eval_shape(lambda key: TrainState(p := init_params(key), tx.init(p)), jax.random.key(0)))
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'))
-  step, state = ckpt.restore_newest(lambda s: ckpt.restore(s, abstract))
-  ckpt.close()
-  if step is None:
-    raise UserError(f'{workdir} holds no checkpoint; train first (same --experiment and '
-                    '--workdir, --mode=train) or point --workdir at a trained run.')
-  return state.params, step
-
-
 def divergence_advice(cfg: ml_collections.ConfigDict, last_saved: int | None) -> str:
   """What to run after a divergence: resume from the last checkpoint (train.resume_step) with a
   lower learning rate, as a command line when launch.py runs."""
@@ -254,85 +263,178 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: Task) -> RunResul
   """Trains `task` to config.train.steps in `workdir`, resuming from its latest checkpoint."""
   mesh = parallel.make_mesh(config.mesh)
   with parallel.activation_sharding(mesh):  # Every function traced below pins activations.
-    return _train(config, workdir, task, mesh)
+    trainer = Trainer(config, workdir, task, mesh)  # Init, or resume from the newest checkpoint.
+    if trainer.start >= config.train.steps:
+      return trainer.already_done()
+    trainer.compile()
+    stop = 0
+    try:
+      with Preempted() as preempted:
+        for step in range(trainer.start, config.train.steps):
+          trainer.train(step)
+          stop = trainer.stop_requested(step + 1, preempted)
+          trainer.end_of_step(step + 1, stop)
+          if stop:
+            break
+    finally:  # Even on an error, finish the saves in flight: they hold finite weights.
+      trainer.close()
+    return trainer.finish(stop)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
-           mesh: jax.sharding.Mesh) -> RunResult:
-  cfg = config.train
-  is_main = jax.process_index() == 0
-  flat = config_lib.flat_optimizer(config)
-  tx = make_optimizer(cfg, flat)
-  micro_batch = cfg.batch_size // cfg.grad_accum_steps
-  parallel.check_batch(micro_batch, mesh)
-  rows, batch_sharding = parallel.process_slice(micro_batch), parallel.batch_sharding(mesh)
+class Trainer:
+  """The state of one `run`: the train state on the mesh, its compiled step, the checkpoints,
+  the metrics of the current log interval and the divergence guard."""
 
-  def get_batch(step: int, micro: int) -> dict[str, jax.Array]:
-    return parallel.to_global(task.train_batch(step, micro, rows), batch_sharding)
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, task: Task,
+               mesh: jax.sharding.Mesh):
+    self.config, self.cfg, self.workdir, self.task, self.mesh = (
+        config, config.train, workdir, task, mesh)
+    cfg = self.cfg
+    self.is_main = jax.process_index() == 0
+    self.flat = config_lib.flat_optimizer(config)
+    # An update per call of the step: micro-batches (accumulated) or a rollout's updates.
+    self.accum, self.calls = cfg.grad_accum_steps, cfg.grad_accum_steps * task.updates_per_step
+    schedule_cfg = ml_collections.ConfigDict(cfg.to_dict())  # The schedule counts updates.
+    schedule_cfg.steps = cfg.steps * task.updates_per_step
+    self.tx, self.schedule = make_optimizer(schedule_cfg, self.flat), make_schedule(schedule_cfg)
+    rows = task.rows_per_update or cfg.batch_size // cfg.grad_accum_steps
+    parallel.check_batch(rows, mesh)
+    self.rows, self.batch_sharding = parallel.process_slice(rows), parallel.batch_sharding(mesh)
+    self.key = jax.random.key(config.seed)
+    self.state = self._init_state()
+    self.frozen_sharding = parallel.state_shardings(task.frozen, mesh)
+    self.frozen = jax.device_put(task.frozen, self.frozen_sharding)
+    self.ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
+    start, restored = self.ckpt.restore_newest(lambda s: restore_state(self.ckpt, s, self.state),
+                                               cfg.resume_step or None)
+    self.start = start or 0
+    if self.start:
+      self.state = restored
+      print(f'resumed from the checkpoint at step {self.start}', flush=True)
+    self.last_saved = self.start or None
+    self.recent = collections.deque(maxlen=20)  # The latest train losses: the spike guard's.
+    self.history, self.rollouts, self.last, self.pending = [], [], {}, None
+    self.t_interval, self.steps_in_interval, self.data_sec = time.perf_counter(), 0, 0.0
 
-  def init(key):
-    params = task.init_params(key)
-    return TrainState(params, tx.init(params))
+  def _init_state(self) -> TrainState:
+    task, tx = self.task, self.tx
+    init = lambda key: new_state(p := task.init_params(key), tx.init(p), task.init_extra)
+    self.state_sharding = parallel.state_shardings(jax.eval_shape(init, self.key), self.mesh)
+    if task.start_params is None:
+      return jax.jit(init, out_shardings=self.state_sharding)(self.key)  # Created sharded.
+    params = jax.device_put(task.start_params, self.state_sharding.params)
+    opt_state = jax.jit(tx.init, out_shardings=self.state_sharding.opt_state)(params)
+    extra = getattr(self.state_sharding, 'extra', None)
+    return new_state(params, opt_state, extra and jax.device_put(task.init_extra, extra))
 
-  key = jax.random.key(config.seed)
-  state_sharding = parallel.state_shardings(jax.eval_shape(init, key), mesh)
-  if task.start_params is None:
-    state = jax.jit(init, out_shardings=state_sharding)(key)  # Created already sharded.
-  else:
-    params = jax.device_put(task.start_params, state_sharding.params)
-    state = TrainState(params, jax.jit(tx.init, out_shardings=state_sharding.opt_state)(params))
-  frozen_sharding = parallel.state_shardings(task.frozen, mesh)
-  frozen = jax.device_put(task.frozen, frozen_sharding)
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
-  start, restored = ckpt.restore_newest(lambda s: restore_state(ckpt, s, state),
-                                        cfg.resume_step or None)
-  start = start or 0
-  if start:
-    state = restored
-    print(f'resumed from the checkpoint at step {start}', flush=True)
-  if start >= cfg.steps:
-    print(f'{workdir} is already trained to step {start} (train.steps={cfg.steps})', flush=True)
-    ckpt.close()
-    return RunResult(state.params, {})
+  def already_done(self) -> RunResult:
+    print(f'{self.workdir} is already trained to step {self.start} '
+          f'(train.steps={self.cfg.steps})', flush=True)
+    self.ckpt.close()
+    return RunResult(self.state.params, {})
 
-  accum = cfg.grad_accum_steps
-  schedule = make_schedule(cfg)
-  first = get_batch(start, 0)
-  t0 = time.perf_counter()
-  train_step = make_train_step(task, tx, config.seed, state_sharding, batch_sharding, flat,
-                               frozen_sharding).lower(state, first, np.int32(0), np.float32(1),
-                                                      frozen).compile()
-  weigh = task.batch_weight is not None and accum > 1
-  compile_sec = time.perf_counter() - t0
-  need, have = perf.step_memory(train_step), perf.free_memory(jax.local_devices()[0])
-  if need and have and need > have:
-    ckpt.close()
-    raise UserError(f'a train step needs {need / 2**30:.1f} GiB more than the model and optimiser '
-                    f'state, but {jax.local_devices()[0].platform} has {have / 2**30:.1f} GiB free; '
-                    'lower train.batch_size, raise train.grad_accum_steps, or set model.remat=full '
-                    '(or shard it: mesh.fsdp).')
-  writer = metrics_lib.MetricsWriter(workdir, start, enabled=is_main)
-  eval_step = jax.jit(lambda params, batch, frozen: task.eval_fn(
-      params, batch, **task.with_frozen(frozen)))
-  eval_batches = [parallel.to_global({k: v[rows] for k, v in b.items()}, batch_sharding)
-                  for b in task.eval_batches]
-  flops_per_token = task.flops_per_token(state.params)
-  peak, peak_source = perf.peak_flops()
-  if is_main:
-    print(f'params {perf.param_count(state.params):,} | {flops_per_token / 1e6:.1f} MFLOP/token '
-          f'| peak {peak / 1e9:.0f} GFLOP/s ({peak_source}) | compiled in {compile_sec:.1f}s',
-          flush=True)
-  progress = metrics_lib.Progress(start, cfg.steps)
-  history, last = [], {}
-  pending = None  # Metrics of the previous micro-step, read after the next one is dispatched.
-  t_interval, steps_in_interval, data_sec = time.perf_counter(), 0, 0.0
+  def get_batch(self, step: int, call: int) -> dict[str, jax.Array]:
+    return parallel.to_global(self.task.train_batch(step, call, self.rows), self.batch_sharding)
 
-  recent = collections.deque(maxlen=20)  # The latest train losses: the spike guard's baseline.
-  last_saved = [start or None]
+  def compile(self) -> None:
+    """Compiles the train step (refused when it needs more memory than is free), the eval step
+    and the save-time probe; prints the model's size and FLOPs."""
+    task, state = self.task, self.state
+    if task.rollout is not None:
+      self._rollout(self.start)
+    first = self.get_batch(self.start, 0)
+    t0 = time.perf_counter()
+    self.train_step = make_train_step(
+        task, self.tx, self.config.seed, self.state_sharding, self.batch_sharding, self.flat,
+        self.frozen_sharding).lower(state, first, np.int32(0), np.float32(1), self.frozen).compile()
+    compile_sec = time.perf_counter() - t0
+    device = jax.local_devices()[0]
+    need, have = perf.step_memory(self.train_step), perf.free_memory(device)
+    if need and have and need > have:
+      self.ckpt.close()
+      raise UserError(f'a train step needs {need / 2**30:.1f} GiB more than the model and '
+                      f'optimiser state, but {device.platform} has {have / 2**30:.1f} GiB free; '
+                      'lower train.batch_size, raise train.grad_accum_steps, or set '
+                      'model.remat=full (or shard it: mesh.fsdp).')
+    self.eval_step = jax.jit(lambda params, batch, frozen: task.eval_fn(
+        params, batch, **task.with_frozen(frozen)))
+    self.eval_batches = [parallel.to_global({k: v[self.rows] for k, v in b.items()},
+                                            self.batch_sharding) for b in task.eval_batches]
+    self.probe = jax.jit(lambda params, batch, frozen: (
+        task.loss_fn(params, batch, self.key, **task.with_frozen(frozen))[0],
+        jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))))
+    self.writer = metrics_lib.MetricsWriter(self.workdir, self.start, enabled=self.is_main)
+    self.progress = metrics_lib.Progress(self.start, self.cfg.steps)
+    self.flops_per_token = task.flops_per_token(state.params)
+    self.peak, peak_source = perf.peak_flops()
+    if self.is_main:
+      print(f'params {perf.param_count(state.params):,} | {self.flops_per_token / 1e6:.1f} '
+            f'MFLOP/token | peak {self.peak / 1e9:.0f} GFLOP/s ({peak_source}) | compiled in '
+            f'{compile_sec:.1f}s', flush=True)
+    weigh = task.batch_weight is not None and self.accum > 1
+    # Batches of the next call are built during this one, unless they come from a rollout or
+    # all of a step's micro-batches are needed at once (for their weights).
+    self.prefetch = None if weigh or task.rollout else Prefetcher(
+        self.get_batch, ready=((self.start, 0), first))
+    self.weigh, self.first = weigh, first
 
-  def check_loss(loss: float, step: int, what: str) -> None:
+  def _rollout(self, step: int) -> None:
+    """Runs the task's rollout for `step` with the current weights (once per step)."""
+    if getattr(self, 'rolled_out', None) == step:
+      return
+    extra, metrics = self.task.rollout(self.state.params, self.frozen,
+                                       getattr(self.state, 'extra', None), step)
+    if self.task.init_extra is not None:
+      self.state = self.state.replace(extra=jax.device_put(extra, self.state_sharding.extra))
+    self.rollouts.append(metrics)
+    self.rolled_out = step
+
+  def _weighed(self, step: int) -> tuple[list[Batch], np.ndarray]:
+    """This process's host rows of the step's micro-batches and their gradient scales."""
+    host = [self.task.train_batch(step, m, self.rows) for m in range(self.accum)]
+    weights = np.array([self.task.batch_weight(b) for b in host], np.float64)
+    if jax.process_count() > 1:  # Each process holds its rows: the weights are their sums.
+      weights = np.asarray(multihost_utils.process_allgather(weights)).sum(axis=0)
+    return host, micro_scales(weights)
+
+  def _batch(self, step: int, call: int, host: list[Batch] | None) -> dict[str, jax.Array]:
+    if host is not None:
+      return parallel.to_global(host[call], self.batch_sharding)
+    if self.prefetch is not None:
+      return self.prefetch.get((step, call), self._following(step, call))
+    return self.first if (step, call) == (self.start, 0) else self.get_batch(step, call)
+
+  def _following(self, step: int, call: int) -> tuple[int, int] | None:
+    """The call after (step, call); None after the last."""
+    if call + 1 < self.calls:
+      return step, call + 1
+    return (step + 1, 0) if step + 1 < self.cfg.steps else None
+
+  def train(self, step: int) -> None:
+    """One optimiser step (or a rollout and its updates): dispatched, its metrics pulled one
+    call later, so that reading them does not wait for the device."""
+    if self.task.rollout is not None:
+      t_data = time.perf_counter()
+      self._rollout(step)
+      self.data_sec += time.perf_counter() - t_data
+    t_data = time.perf_counter()
+    host, scales = self._weighed(step) if self.weigh else (None, np.ones(self.calls, np.float32))
+    self.data_sec += time.perf_counter() - t_data
+    for call in range(self.calls):
+      t_data = time.perf_counter()
+      batch = self._batch(step, call, host)
+      self.data_sec += time.perf_counter() - t_data
+      self.state, out = self.train_step(self.state, batch, np.int32(step * self.calls + call),
+                                        scales[call], self.frozen)
+      if self.pending is not None:
+        self._pull(*self.pending)
+      self.pending = (out, step + 1, scales[call], (call + 1) % self.accum == 0)
+    self.steps_in_interval += 1
+
+  def check_loss(self, loss: float, step: int, what: str) -> None:
     """Halts (UserError, nothing saved) when `loss` is not finite or spikes beyond
     train.spike_factor times the recent mean (at least 1)."""
+    cfg, recent = self.cfg, self.recent
     limit = cfg.spike_factor * max(float(np.mean(recent)), 1.0) if recent else np.inf
     if np.isfinite(loss) and not (cfg.spike_factor and loss > limit):
       return
@@ -340,136 +442,124 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         f' (> train.spike_factor={cfg.spike_factor:g} x the recent mean {np.mean(recent):.4g})'
         if np.isfinite(loss) else '')
     raise UserError(f'{why}: training diverged, and no checkpoint holds it. '
-                    + divergence_advice(cfg, last_saved[0]))
+                    + divergence_advice(cfg, self.last_saved))
 
-  def pull(pending_metrics, step, weight, last_micro):
+  def _pull(self, pending_metrics, step, weight, last_micro) -> None:
     values = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
-    check_loss(values['loss'], step, 'the loss')
-    recent.append(values['loss'])
-    history.append((values, weight, last_micro))
+    self.check_loss(values['loss'], step, 'the loss')
+    self.recent.append(values['loss'])
+    self.history.append((values, weight, last_micro))
 
-  probe = jax.jit(lambda params, batch, frozen: (
-      task.loss_fn(params, batch, key, **task.with_frozen(frozen))[0],
-      jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))))
+  def _pull_pending(self) -> None:
+    if self.pending is not None:
+      self._pull(*self.pending)
+      self.pending = None
 
-  def save(step: int) -> None:
-    """Saves the state after `step` if its weights are finite and their loss (on the next
-    step's first micro-batch) neither; else halts as diverged."""
-    loss, finite = jax.device_get(probe(state.params, get_batch(min(step, cfg.steps - 1), 0),
-                                        frozen))
-    check_loss(float(loss) if finite else float('nan'), step + 1,
-               'the loss of the weights to save' if finite else 'a weight')
-    ckpt.save(step, state)
-    last_saved[0] = step
-
-  def interval_mean(k: str) -> float:
-    """Metric k over the log interval: the micro-steps' values weighted as their gradients
-    (see micro_scales); grad_norm, the optimiser steps' (their last micro-steps)."""
-    if k == 'grad_norm':
-      return float(np.mean([h[k] for h, _, last_micro in history if last_micro]))
-    return float(np.average([h[k] for h, _, _ in history], weights=[w for _, w, _ in history]))
-
-  def stop_requested(done: int) -> bool:
-    """Whether to save and stop after step `done` (SIGTERM or Ctrl-C seen). Several processes
-    agree on it at log steps (the save is collective; an all-gather every step would stall the
-    dispatch queue)."""
+  def stop_requested(self, done: int, preempted: Preempted) -> int:
+    """The signal to save and stop after step `done` for (SIGTERM or Ctrl-C seen), else 0.
+    Several processes agree on it at log steps (the save is collective; an all-gather every
+    step would stall the dispatch queue)."""
     if jax.process_count() == 1:
-      return preempted.requested
-    if done % cfg.log_every:
-      return False
-    return bool(np.any(multihost_utils.process_allgather(np.array(preempted.requested))))
+      return preempted.signum if preempted.requested else 0
+    if done % self.cfg.log_every:
+      return 0
+    stop = np.any(multihost_utils.process_allgather(np.array(preempted.requested)))
+    return preempted.signum if stop else 0
 
-  def step_batches(step: int) -> tuple[list[Batch], np.ndarray]:
-    """This process's host rows of the step's micro-batches and their gradient scales."""
-    host = [task.train_batch(step, m, rows) for m in range(accum)]
-    weights = np.array([task.batch_weight(b) for b in host], np.float64)
-    if jax.process_count() > 1:  # Each process holds its rows: the weights are their sums.
-      weights = np.asarray(multihost_utils.process_allgather(weights)).sum(axis=0)
-    return host, micro_scales(weights)
+  def end_of_step(self, done: int, stop: int) -> None:
+    """Logs, evaluates and saves after step `done` as their cadences (and a stop) say."""
+    cfg = self.cfg
+    is_last = done == cfg.steps
+    save_now = done % cfg.checkpoint_every == 0 or is_last or stop
+    # A log interval also ends at every checkpoint, so that a run resumed from one logs the
+    # same means as the run that saved it.
+    if done % cfg.log_every == 0 or save_now:
+      self._pull_pending()
+      self.log(done)
+    evaluate_now = done % cfg.eval_every == 0 or is_last
+    if evaluate_now:
+      self._pull_pending()
+    t_pause = time.perf_counter()  # Eval and checkpoints are not training time.
+    if evaluate_now:
+      self.evaluate(done)
+    if save_now:
+      self.save(done)
+    self.t_interval += time.perf_counter() - t_pause
+    if stop:
+      self.ckpt.wait()
+      print(f'saved the checkpoint at step {done}; rerun the same command to resume', flush=True)
 
-  def following(step: int, micro: int) -> tuple[int, int] | None:
-    """The micro-batch after (step, micro); None after the last."""
-    if micro + 1 < accum:
-      return step, micro + 1
-    return (step + 1, 0) if step + 1 < cfg.steps else None
+  def interval_mean(self, k: str) -> float:
+    """Metric k over the log interval: the calls' values weighted as their gradients (see
+    micro_scales); grad_norm, the optimiser steps' (their last micro-steps)."""
+    if k == 'grad_norm':
+      return float(np.mean([h[k] for h, _, last_micro in self.history if last_micro]))
+    return float(np.average([h[k] for h, _, _ in self.history],
+                            weights=[w for _, w, _ in self.history]))
 
-  batches = Prefetcher(get_batch, ready=((start, 0), first))
-  stop = False
-  try:
-    with Preempted() as preempted:
-      for step in range(start, cfg.steps):
-        t_data = time.perf_counter()
-        host, scales = step_batches(step) if weigh else (None, np.ones(accum, np.float32))
-        data_sec += time.perf_counter() - t_data
-        for micro in range(accum):
-          t_data = time.perf_counter()
-          if host:
-            batch = parallel.to_global(host[micro], batch_sharding)
-          else:
-            batch = batches.get((step, micro), following(step, micro))
-          data_sec += time.perf_counter() - t_data
-          state, out = train_step(state, batch, np.int32(step * accum + micro), scales[micro],
-                                  frozen)
-          if pending is not None:
-            pull(*pending)
-          pending = (out, step + 1, scales[micro], micro == accum - 1)
-        steps_in_interval += 1
-        done = step + 1
-        is_last = done == cfg.steps
-        stop = stop_requested(done)  # Read once: a signal during eval or a save waits a step.
-        save_now = done % cfg.checkpoint_every == 0 or is_last or stop
-        # A log interval also ends at every checkpoint, so that a run resumed from one logs the
-        # same means as the run that saved it.
-        if done % cfg.log_every == 0 or save_now:
-          pull(*pending)
-          pending = None
-          elapsed = time.perf_counter() - t_interval
-          tokens_per_sec = steps_in_interval * task.tokens_per_step / elapsed
-          last = {f'train/{k}': interval_mean(k) for k in history[0][0]}
-          last.update({'train/tokens_per_sec': tokens_per_sec,
-                       'train/tokens_per_sec_per_device': tokens_per_sec / jax.device_count(),
-                       'train/mfu': tokens_per_sec * flops_per_token / peak,
-                       'train/data_wait_frac': data_sec / elapsed,
-                       'train/learning_rate': float(schedule(done - 1))})  # This update's.
-          if is_main:
-            writer.write(done, last)
-            print(progress.line(done, {'loss': last['train/loss'],
-                                       'tok/s': tokens_per_sec, 'mfu': last['train/mfu']}),
-                  flush=True)
-          history, steps_in_interval, data_sec = [], 0, 0.0
-          t_interval = time.perf_counter()
-        evaluate_now = done % cfg.eval_every == 0 or is_last
-        if evaluate_now and pending is not None:
-          pull(*pending)
-          pending = None
-        t_pause = time.perf_counter()  # Eval and checkpoints are not training time.
-        if evaluate_now:
-          ev = evaluate(eval_step, state.params, eval_batches, frozen)
-          ev['eval/perplexity'] = float(np.exp(ev['eval/loss']))
-          last.update(ev)
-          if is_main:
-            writer.write(done, ev)
-            print(f'  eval at step {done}: ' + ', '.join(f'{k[5:]} {v:.4g}' for k, v in ev.items()),
-                  flush=True)
-        if save_now:
-          save(done)
-        t_interval += time.perf_counter() - t_pause
-        if stop:
-          ckpt.wait()
-          print(f'saved the checkpoint at step {done}; rerun the same command to resume',
-                flush=True)
-          stop = preempted.signum
-          break
-  finally:  # Even on an error, finish the saves in flight: they hold finite weights.
-    batches.close()
-    ckpt.close()
-    writer.close()
-  if is_main:
-    metrics_lib.plot_losses(writer.path, os.path.join(workdir, 'loss.png'),
-                            title=os.path.basename(os.path.normpath(workdir)))
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:  # Read by sweeps.
-      json.dump({'step': done, 'finished': not stop,
-                 'params': perf.param_count(state.params), 'flops_per_token': flops_per_token}, f)
-  if stop:
-    raise Interrupted(stop, done)
-  return RunResult(state.params, last)
+  def log(self, done: int) -> None:
+    """Writes and prints the means of the log interval that ends after step `done`."""
+    elapsed = time.perf_counter() - self.t_interval
+    tokens_per_sec = self.steps_in_interval * self.task.tokens_per_step / elapsed
+    last = {f'train/{k}': self.interval_mean(k) for k in self.history[0][0]}
+    last.update({f'train/{k}': float(np.mean([r[k] for r in self.rollouts]))
+                 for k in (self.rollouts[0] if self.rollouts else {})})
+    last.update({'train/tokens_per_sec': tokens_per_sec,
+                 'train/tokens_per_sec_per_device': tokens_per_sec / jax.device_count(),
+                 'train/mfu': tokens_per_sec * self.flops_per_token / self.peak,
+                 'train/data_wait_frac': self.data_sec / elapsed,  # The rollouts' time, in RL.
+                 # This step's (last update's) learning rate.
+                 'train/learning_rate': float(self.schedule(done * self.task.updates_per_step
+                                                            - 1))})
+    self.last = last
+    if self.is_main:
+      self.writer.write(done, last)
+      shown = {'loss': last['train/loss'], 'tok/s': tokens_per_sec, 'mfu': last['train/mfu']}
+      print(self.progress.line(done, shown), flush=True)
+    self.history, self.rollouts, self.steps_in_interval, self.data_sec = [], [], 0, 0.0
+    self.t_interval = time.perf_counter()
+
+  def evaluate(self, done: int) -> None:
+    params = self.state.params
+    ev = evaluate(self.eval_step, params, self.eval_batches, self.frozen) if self.eval_batches \
+        else {}
+    if 'eval/loss' in ev:
+      ev['eval/perplexity'] = float(np.exp(ev['eval/loss']))
+    if self.task.evaluate is not None:
+      ev.update({f'eval/{k}': float(v) for k, v in self.task.evaluate(params).items()})
+    self.last.update(ev)
+    if self.is_main:
+      self.writer.write(done, ev)
+      print(f'  eval at step {done}: ' + ', '.join(f'{k[5:]} {v:.4g}' for k, v in ev.items()),
+            flush=True)
+
+  def save(self, done: int) -> None:
+    """Saves the state after step `done` if its weights are finite and their loss (on the next
+    step's first batch; a rollout's, on this step's) neither; else halts as diverged."""
+    at = done - 1 if self.task.rollout else min(done, self.cfg.steps - 1)
+    loss, finite = jax.device_get(self.probe(self.state.params, self.get_batch(at, 0),
+                                             self.frozen))
+    self.check_loss(float(loss) if finite else float('nan'), done + 1,
+                    'the loss of the weights to save' if finite else 'a weight')
+    self.ckpt.save(done, self.state)
+    self.last_saved = done
+
+  def close(self) -> None:
+    if self.prefetch is not None:
+      self.prefetch.close()
+    self.ckpt.close()
+    if hasattr(self, 'writer'):
+      self.writer.close()
+
+  def finish(self, stop: int) -> RunResult:
+    """Writes loss.png and summary.json; raises Interrupted after a stop."""
+    done = self.last_saved
+    if self.is_main:
+      metrics_lib.plot_losses(self.writer.path, os.path.join(self.workdir, 'loss.png'),
+                              title=os.path.basename(os.path.normpath(self.workdir)))
+      runs.write_summary(self.workdir, {
+          'step': done, 'finished': not stop, 'params': perf.param_count(self.state.params),
+          'flops_per_token': self.flops_per_token, **self.last})
+    if stop:
+      raise Interrupted(stop, done)
+    return RunResult(self.state.params, self.last)

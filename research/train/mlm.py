@@ -20,8 +20,8 @@ from research import tokenizers
 from research.data import mlm
 from research.nn import moe
 from research.nn.transformer import EncoderLM
-from research.train import loop
-from research.train.pretrain import lm_loss, prepare_data, target_tokens
+from research.errors import UserError
+from research.train import lm, loop, stages
 
 
 def mlm_fns(model: EncoderLM) -> tuple[Callable, Callable]:
@@ -29,7 +29,7 @@ def mlm_fns(model: EncoderLM) -> tuple[Callable, Callable]:
   'weights' (float [batch, seq], 1 at the selected positions) and with a next-sentence head
   'next_sentence' (int [batch], 1 when B follows A)."""
   def objective(logits, nsp_logits, batch):
-    loss, accuracy = lm_loss(logits, batch['targets'], batch['weights'])
+    loss, accuracy = lm.lm_loss(logits, batch['targets'], batch['weights'])
     metrics = {'accuracy': accuracy}
     if nsp_logits is not None:
       labels = batch['next_sentence']
@@ -75,7 +75,7 @@ def make_task(config: ml_collections.ConfigDict, model: EncoderLM, tok: tokenize
           params, m.num_layers, m.d_model, t.seq_len, m.moe_top_k / m.num_experts),
       # The masked-token loss is a mean over the selected tokens, whose count varies; with the
       # next-sentence loss (a mean over rows) added, micro-batches count the same.
-      batch_weight=None if config.mlm.next_sentence else target_tokens)
+      batch_weight=None if config.mlm.next_sentence else lm.target_tokens)
 
 
 def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.Batch]:
@@ -87,9 +87,9 @@ def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.B
   return task, task.train_batch(0, 0, slice(None))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+def train(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Pretrains a BERT in `workdir` (resuming if it holds a checkpoint)."""
-  tok, train_tokens, val_tokens = prepare_data(config, workdir)
+  tok, train_tokens, val_tokens = lm.prepare_data(config, workdir)
   model = EncoderLM(config_lib.model_config(config, tok.vocab_size), config.mlm.next_sentence)
   baseline = mlm.unigram_accuracy(val_tokens)
   print(f'tokenizer {config.tokenizer.kind}: vocab {tok.vocab_size} | train {len(train_tokens):,} '
@@ -103,3 +103,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     print(f'masked-token accuracy {result.metrics["eval/accuracy"]:.3f} (unigram baseline '
           f'{baseline:.3f})', flush=True)
   return result
+
+
+def sections() -> dict[str, ml_collections.ConfigDict]:
+  # Masked-LM pretraining (Devlin et al. 2019).
+  return {'mlm': ml_collections.ConfigDict(dict(
+      select_prob=0.15,  # Share of tokens predicted (the loss is on these only),
+      mask_prob=0.8,  # of which replaced by <mask>,
+      random_prob=0.1,  # or by a random token; the rest stay unchanged.
+      next_sentence=False,  # Rows <cls> A <sep> B <sep> (B follows A half the time) + NSP head.
+  ))}
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  m = config.mlm
+  if not (0 < m.select_prob <= 1 and m.mask_prob >= 0 and m.random_prob >= 0
+          and m.mask_prob + m.random_prob <= 1):
+    raise UserError(f'mlm.select_prob={m.select_prob} must be in (0, 1], and mlm.mask_prob='
+                    f'{m.mask_prob} and mlm.random_prob={m.random_prob} >= 0 with a sum <= 1.')
+
+
+STAGE = stages.Stage(
+    name='mlm', train=train, family='encoder', sections=sections, check=check,
+    step_spec=step_spec,
+    not_generative='a masked LM (model.family=encoder), which does not generate text; use a '
+    'decoder or encoder_decoder run.')

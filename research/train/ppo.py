@@ -24,8 +24,6 @@ iterations the held-out greedy exact match. Writes ppo.png, exact_match.json and
 checkpoints.
 """
 
-import copy
-import functools
 import json
 import os
 from typing import Any
@@ -35,22 +33,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from research import config as config_lib
 from research import decoding
 from research import metrics as metrics_lib
+from research import parallel
 from research import perf
 from research import rl
+from research import runs
 from research import tokenizers
-from research.checkpoint import Checkpointer
 from research.data import sft as sft_data
 from research.data import synthetic
 from research.errors import UserError
 from research.nn.config import ModelConfig
 from research.nn.transformer import DecoderLM, ScalarLM, init_decoder, init_scalar_head
-from research.train import loop, pretrain, reward, sft
-from research.train.optimizer import make_optimizer
+from research.train import loop, stages
 
 
 @flax.struct.dataclass
@@ -61,7 +58,7 @@ class Models:
   value: ScalarLM = flax.struct.field(pytree_node=False)
   settings: tuple = flax.struct.field(pytree_node=False)  # sorted (key, value) of config.ppo
   ref_params: Any
-  reward: reward.RewardModel | None  # None with ppo.reward='checker'.
+  reward: rl.RewardModel | None  # None with ppo.reward='checker'.
 
   @property
   def ppo(self) -> dict:
@@ -141,16 +138,6 @@ def ppo_loss(models: Models, params: Any, batch: dict) -> tuple[jnp.ndarray, dic
           entropy, mask), **metrics}
 
 
-@functools.partial(jax.jit, static_argnames='tx', donate_argnames='state')
-def update_step(models: Models, tx: optax.GradientTransformation, state: dict, batch: dict
-                ) -> tuple[dict, dict]:
-  (loss, metrics), grads = jax.value_and_grad(functools.partial(ppo_loss, models), has_aux=True)(
-      state['params'], batch)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  return ({'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state,
-           'beta': state['beta']}, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **metrics})
-
-
 def init_value(cfg: ModelConfig, sft_params: Any) -> Any:
   """The value model's parameters: the SFT decoder and a zero head, so values start at 0 and the
   first advantages come from the rewards alone. (A randomly initialised head gave values of std
@@ -182,16 +169,22 @@ def step_spec(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[loop
   task = loop.Task(
       init_params=init, loss_fn=lambda params, batch, key: ppo_loss(models, params, batch),
       eval_fn=None, train_batch=lambda step, micro, rows: batch, eval_batches=[],
-      tokens_per_step=b * length,
-      flops_per_token=lambda params: 2 * perf.train_flops_per_token(
-          params['policy'], cfg.num_layers, cfg.d_model, length))
+      tokens_per_step=b * length, flops_per_token=lambda params: flops_per_token(config, params),
+      rows_per_update=b)
   return task, batch
+
+
+def flops_per_token(config: ml_collections.ConfigDict, params: Any) -> float:
+  """Training FLOPs per token of an update: the policy's and the value model's."""
+  m = config.model
+  return 2 * perf.train_flops_per_token(params['policy'], m.num_layers, m.d_model,
+                                        config.train.seq_len, m.moe_top_k / m.num_experts)
 
 
 def task_prompts(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer
                  ) -> tuple[list[sft_data.Record], np.ndarray, np.ndarray]:
   """The train records whose prompts PPO answers, and those prompts left-padded to one length."""
-  records, _ = sft.load_records(config)
+  records, _ = sft_data.load_records(config)
   records = [r for r in records if r.messages and r.messages[-1]['role'] == 'assistant']
   prompts, mask = decoding.left_pad([decoding.chat_prompt(tok, r.messages[:-1]) for r in records],
                                     tok.pad_id)
@@ -202,20 +195,56 @@ def task_prompts(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer
   return records, prompts, mask
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs PPO in `workdir` (resuming from its latest checkpoint); returns the final metrics."""
-  config = copy.deepcopy(config)
-  if not config.train.init_from:
-    config.train.init_from = reward.earlier_run(config, workdir, 'sft')
+
+
+class Rollouts:
+  """PPO's rollout hook (`loop.Task.rollout`) and the minibatches of its updates
+  (`loop.Task.train_batch`): train.batch_size prompts drawn by (seed, step), answered and scored
+  with the current weights, then ppo.epochs shuffled passes of ppo.minibatch_size rollouts."""
+
+  def __init__(self, config: ml_collections.ConfigDict, models: Models,
+               reward: rl.RewardModel | None, tok: tokenizers.Tokenizer):
+    self.config, self.models, self.reward, self.tok = config, models, reward, tok
+    self.records, self.prompts, self.prompt_mask = task_prompts(config, tok)
+    self.buffer, self.orders = {}, []
+
+  def __call__(self, params: Any, frozen: Any, extra: dict, step: int) -> tuple[dict, dict]:
+    t, p = self.config.train, self.config.ppo
+    rng = np.random.default_rng([self.config.seed, step])
+    idx = rng.choice(len(self.records), t.batch_size, replace=False)
+    reward = None if self.reward is None else self.reward.replace(params=frozen['reward'])
+    models = self.models.replace(ref_params=frozen['ref'], reward=reward)
+    prompts, mask = self.prompts[idx], self.prompt_mask[idx]
+    responses = sample_responses(models, params, prompts, mask,
+                                 jax.random.fold_in(jax.random.key(self.config.seed), step))
+    right = np.array([synthetic.matches(self.tok.decode(r), self.records[i].messages[-1]['content'])
+                      for r, i in zip(parallel.to_host(responses), idx)], np.float32)
+    beta = float(parallel.to_host(extra['beta']))
+    rollout, metrics = rollout_step(models, params, prompts, mask, responses, extra['beta'],
+                                    right if p.reward == 'checker' else None)
+    self.buffer = parallel.to_host(rollout)
+    self.orders = [rng.permutation(t.batch_size) for _ in range(p.epochs)]
+    metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+    metrics.update(task_score=float(right.mean()), beta=beta)
+    if p.target_kl > 0:
+      beta = rl.adaptive_beta(beta, metrics['kl'], p.target_kl, p.horizon, t.batch_size)
+    return {'beta': np.float32(beta)}, metrics
+
+  def batch(self, step: int, update: int, rows: slice) -> dict[str, np.ndarray]:
+    """This process's rows of minibatch `update` of the step's rollouts."""
+    del step  # The buffer holds the current step's rollouts.
+    size = self.config.ppo.minibatch_size
+    epoch, m = divmod(update, self.config.train.batch_size // size)
+    ids = self.orders[epoch][m * size:(m + 1) * size]
+    return {k: v[ids][rows] for k, v in self.buffer.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+  """Runs PPO in `workdir` (resuming from its latest checkpoint); exports the final policy to
+  <workdir>/policy and writes exact_match.json and ppo.png."""
+  tok, sft_params = runs.init_from(config, workdir)
   checker = config.ppo.reward == 'checker'
-  if not config.ppo.reward_from and not checker:
-    if 'reward' in config.earlier:  # The reward model starts from this policy's SFT run.
-      config.earlier.reward.train.init_from = config.train.init_from
-    config.ppo.reward_from = reward.earlier_run(config, workdir, 'reward')
-  if jax.process_index() == 0:
-    config_lib.save_to_workdir(config, workdir)
-  tok, sft_params = pretrain.init_from(config, workdir)
-  reward_tok, reward_model = (tok, None) if checker else reward.load(config.ppo.reward_from)
+  reward_tok, reward = (tok, None) if checker else runs.load_reward(config.ppo.reward_from)
   if reward_tok.vocab_size != tok.vocab_size or reward_tok.eos_id != tok.eos_id:
     raise UserError(f'ppo.reward_from={config.ppo.reward_from!r} reads another tokenizer (vocab '
                     f'{reward_tok.vocab_size}, here {tok.vocab_size}); train the reward model from '
@@ -223,94 +252,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg = config_lib.model_config(config, tok.vocab_size)
   t, p = config.train, config.ppo
   settings = {**p.to_dict(), 'eos_id': tok.eos_id, 'pad_id': tok.pad_id}
-  models = Models(DecoderLM(cfg), ScalarLM(cfg), tuple(sorted(settings.items())), sft_params,
-                  reward_model)
-  records, prompts, prompt_mask = task_prompts(config, tok)
-  _, held_out = sft.load_records(config)
+  models = Models(DecoderLM(cfg), ScalarLM(cfg), tuple(sorted(settings.items())), None, None)
+  rollouts = Rollouts(config, models, reward, tok)
+  _, held_out = sft_data.load_records(config)
+  results = {'before': sft_data.score(config, models.policy, sft_params, tok, held_out)}
+  print(f'held-out exact match before PPO: {results["before"]}', flush=True)
 
-  updates_per_iteration = p.epochs * (t.batch_size // p.minibatch_size)
-  schedule = copy.deepcopy(config.train)  # The learning-rate schedule counts updates.
-  schedule.steps = t.steps * updates_per_iteration
-  tx = make_optimizer(schedule)
-  # Copies: updates donate their buffers, and the reference keeps the SFT weights.
-  params = jax.tree.map(jnp.array, {'policy': sft_params, 'value': init_value(cfg, sft_params)})
-  state = {'params': params, 'opt_state': tx.init(params), 'beta': jnp.float32(p.beta)}
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), t.keep_checkpoints)
-  start, restored = ckpt.restore_newest(lambda step: ckpt.restore(step, state),
-                                        t.resume_step or None)
-  start = start or 0
-  if start >= t.steps:
-    ckpt.close()
-    print(f'{workdir} is already trained to iteration {start} (train.steps={t.steps})', flush=True)
-    return {}
-  if start:
-    state = restored
-    print(f'resumed from the checkpoint at iteration {start}', flush=True)
-  writer = metrics_lib.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
-  progress = metrics_lib.Progress(start, t.steps)
-  results = {}
-  if start == 0:
-    results['before'] = sft.score(config, models.policy, sft_params, tok, held_out)
-    writer.write(0, {'eval/exact_match': results['before']['all']})
-    print(f'held-out exact match before PPO: {results["before"]}', flush=True)
-  key = jax.random.key(config.seed)
-  last = {}
-  try:
-    for it in range(start, t.steps):
-      rng = np.random.default_rng([config.seed, it])
-      idx = rng.choice(len(records), t.batch_size, replace=False)
-      responses = sample_responses(models, state['params'], prompts[idx], prompt_mask[idx],
-                                   jax.random.fold_in(key, it))
-      right = np.array([synthetic.matches(tok.decode(r), records[i].messages[-1]['content'])
-                        for r, i in zip(np.asarray(responses), idx)], np.float32)
-      task_score = float(right.mean())
-      rollout, metrics = rollout_step(models, state['params'], prompts[idx], prompt_mask[idx],
-                                      responses, state['beta'],
-                                      right if p.reward == 'checker' else None)
-      update_metrics = []
-      for _ in range(p.epochs):
-        order = rng.permutation(t.batch_size)
-        for m in range(0, t.batch_size, p.minibatch_size):
-          mb = jax.tree.map(lambda x: x[order[m:m + p.minibatch_size]], rollout)
-          state, um = update_step(models, tx, state, mb)
-          update_metrics.append(um)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      metrics.update({k: float(np.mean([float(u[k]) for u in update_metrics]))
-                      for k in update_metrics[0]})
-      beta = float(state['beta'])
-      metrics.update(task_score=float(task_score), beta=beta)
-      if p.target_kl > 0:
-        state['beta'] = jnp.float32(rl.adaptive_beta(beta, metrics['kl'], p.target_kl, p.horizon,
-                                                     t.batch_size))
-      done = it + 1
-      last = {f'train/{k}': v for k, v in metrics.items()}
-      writer.write(done, last)
-      if done % t.log_every == 0 or done == t.steps:
-        print(progress.line(done, {'task': task_score, 'rm': metrics['rm_reward'],
-                                   'kl': metrics['kl'], 'len': metrics['response_length']}),
-              flush=True)
-      if done % t.eval_every == 0 or done == t.steps:
-        held = sft.score(config, models.policy, state['params']['policy'], tok, held_out)
-        last['eval/exact_match'] = held['all']
-        writer.write(done, {'eval/exact_match': held['all']})
-        print(f'  eval at iteration {done}: held-out exact match {held}', flush=True)
-        results['after'] = held
-      if done % t.checkpoint_every == 0 or done == t.steps:
-        ckpt.save(done, state)
-  finally:
-    ckpt.close()
-    writer.close()
-  policy = Checkpointer(os.path.join(workdir, 'policy'), 1)  # Read by pretrain.load_trained.
-  policy.save(t.steps, state['params']['policy'])
-  policy.close()
+  def evaluate(params):
+    results['after'] = sft_data.score(config, models.policy, params['policy'], tok, held_out)
+    return {'exact_match': results['after']['all']}
+
+  def init(key):
+    policy = init_decoder(models.policy, key)
+    return {'policy': policy, 'value': init_value(cfg, policy)}
+
+  # Copies: the updates donate their buffers, and the reference keeps the SFT weights.
+  start = jax.tree.map(jnp.copy, {'policy': sft_params, 'value': init_value(cfg, sft_params)})
+  task = loop.Task(
+      init_params=init, start_params=start,
+      loss_fn=lambda params, batch, key, frozen: ppo_loss(models, params, batch),
+      eval_fn=None, eval_batches=[], evaluate=evaluate,
+      train_batch=rollouts.batch, rollout=rollouts,
+      frozen={'ref': sft_params, 'reward': None if reward is None else reward.params},
+      init_extra={'beta': np.float32(p.beta)},
+      updates_per_step=p.epochs * (t.batch_size // p.minibatch_size),
+      rows_per_update=p.minibatch_size,
+      tokens_per_step=p.epochs * t.batch_size * (rollouts.prompts.shape[1] + p.max_new_tokens),
+      flops_per_token=lambda params: flops_per_token(config, params))
+  result = loop.run(config, workdir, task)
+  runs.export_weights(workdir, STAGE.weights, t.steps, result.params['policy'])
   if jax.process_index() == 0:
-    metrics_lib.plot_panels(writer.path, os.path.join(workdir, 'ppo.png'), {
+    metrics_lib.plot_panels(os.path.join(workdir, 'metrics.jsonl'),
+                            os.path.join(workdir, 'ppo.png'), {
         'held-out / sampled exact match': ('eval/exact_match', 'train/task_score'),
         'normalised RM reward': ('train/rm_reward',),
         'KL to the SFT reference (nats/response)': ('train/kl',)},
         title=f'PPO ({os.path.basename(os.path.normpath(workdir))}, seed {config.seed})')
     with open(os.path.join(workdir, 'exact_match.json'), 'w') as f:
       json.dump(results, f, indent=2)
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump({'step': t.steps, 'finished': True, **last}, f)
-  return last
+  return result
+
+
+def sections() -> dict[str, ml_collections.ConfigDict]:
+  # train.steps counts rollout iterations, train.batch_size is the number of prompts per rollout.
+  return {'ppo': ml_collections.ConfigDict(dict(
+      reward='model',  # model | checker (1 if the reply is the record's answer, else 0).
+      reward_from='',  # The reward model's workdir; '' = train earlier.reward in <root>/reward.
+      temperature=1.0,  # Rollout sampling temperature (log-probs use the same one).
+      max_new_tokens=16,
+      missing_eos_penalty=3.0,  # A response without EOS scores minus this (not its RM score).
+      kl_estimator='k1',  # One of rl.KL_ESTIMATORS.
+      beta=0.05,  # KL coefficient; adaptive (Ziegler et al. 2019) when target_kl > 0.
+      target_kl=0.0,
+      horizon=10000,
+      gamma=1.0,
+      lam=0.95,
+      epochs=4,  # Passes over each rollout batch,
+      minibatch_size=16,  # in shuffled minibatches of this many rollouts.
+      clip=0.2,  # Policy ratio clip,
+      value_clip=0.2,  # and value clip, around the rollout's values.
+      value_coef=0.1,
+  ))}
+
+
+REWARDS = ('model', 'checker')
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  p, t = config.ppo, config.train
+  if p.reward not in REWARDS:
+    raise UserError(f'ppo.reward={p.reward!r} is not one of {REWARDS}.')
+  if p.kl_estimator not in rl.KL_ESTIMATORS:
+    raise UserError(f'ppo.kl_estimator={p.kl_estimator!r} is not one of {rl.KL_ESTIMATORS}.')
+  if p.minibatch_size <= 0 or t.batch_size % p.minibatch_size:
+    raise UserError(f'train.batch_size={t.batch_size} (rollouts per iteration) must be a multiple '
+                    f'of ppo.minibatch_size={p.minibatch_size}.')
+  if t.grad_accum_steps != 1:
+    raise UserError(f"train.grad_accum_steps={t.grad_accum_steps} does not apply to stage='ppo' "
+                    '(it updates once per ppo.minibatch_size rollouts, ppo.epochs times a batch); '
+                    'set --config.train.grad_accum_steps=1 and size updates by ppo.minibatch_size.')
+
+
+STAGE = stages.Stage(
+    name='ppo', train=train, sections=sections, check=check, step_spec=step_spec,
+    needs=(stages.Need('sft'),
+           stages.Need('reward', 'ppo.reward_from', lambda c: c.ppo.reward != 'checker')),
+    weights='policy', reads=('sft', 'pairs'))

@@ -14,13 +14,11 @@ wrong reply to the same prompt: the figure that decides whether PPO can learn fr
 which pair accuracy on hand-made negatives can overstate.
 """
 
-import copy
 import functools
 import json
 import os
 from typing import Any, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,46 +35,11 @@ from research.data import sft as sft_data
 from research.data import synthetic
 from research.errors import UserError
 from research.nn.transformer import DecoderLM, ScalarLM, init_decoder, init_scalar_head
-from research.train import loop, pretrain, stages
+from research import runs
+from research.train import loop, stages
 
 POLICY_SAMPLES_PER_PROMPT = 4  # For the pair accuracy on the SFT policy's own replies.
 SAMPLING_BATCH = 256  # Prompts answered at once by `policy_samples`.
-
-
-def earlier_run(config: ml_collections.ConfigDict, workdir: str, name: str) -> str:
-  """The workdir of an earlier stage: given, else `earlier.<name>` trained in <workdir>/<name>."""
-  if name not in config.earlier:
-    raise UserError(f'this stage needs a {name} run: set --config.train.init_from (or '
-                    f'ppo.reward_from) to its workdir, or give the experiment an earlier.{name} '
-                    'config to train one.')
-  return stages.run_stage(config.earlier[name], os.path.join(workdir, name))
-
-
-def load_pairs(config: ml_collections.ConfigDict
-               ) -> tuple[list[preferences.Pair], list[preferences.Pair]]:
-  """(train, held-out) preference pairs: of the JSONL file reward.path, or of the built-in task."""
-  r = config.reward
-  if r.path:
-    pairs = preferences.read_jsonl(r.path)  # Held out by a hash of the prompt, as in SFT.
-    held = [bool(sft_data.split([sft_data.Record('', p.prompt)], r.held_out_fraction)[1])
-            for p in pairs]
-    train = [p for p, h in zip(pairs, held) if not h]
-    held_out = [p for p, h in zip(pairs, held) if h]
-  else:
-    train, held_out = (preferences.task_pairs(
-        synthetic.problems(split, n, config.seed, config.sft.kinds), config.seed + offset)
-        for split, n, offset in (('train', r.num_train, 0), ('held_out', r.num_held_out, 1)))
-  if not train or not held_out:
-    raise UserError(f'the preference data has {len(train)} train and {len(held_out)} held-out '
-                    'pairs; both need some: add pairs or change reward.held_out_fraction.')
-  return train, held_out
-
-
-def last_token_scores(model: nn.Module, params: Any, tokens: jnp.ndarray,
-                      positions: jnp.ndarray | None, segment_ids: jnp.ndarray) -> jnp.ndarray:
-  """The scalar head at each row's last non-padding token (segment_ids > 0): [batch]."""
-  scores = model.apply({'params': params}, tokens, positions, segment_ids)
-  return jnp.take_along_axis(scores, rl.last_index(segment_ids)[:, None], axis=1)[:, 0]
 
 
 def pair_scores(model: ScalarLM, params: Any, batch: dict) -> jnp.ndarray:
@@ -84,7 +47,7 @@ def pair_scores(model: ScalarLM, params: Any, batch: dict) -> jnp.ndarray:
   tokens = batch['tokens']
   n, _, length = tokens.shape
   segments = (jnp.arange(length) < batch['length'][..., None]).astype(jnp.int32)
-  return last_token_scores(model, params, tokens.reshape(2 * n, length), None,
+  return rl.last_token_scores(model, params, tokens.reshape(2 * n, length), None,
                            segments.reshape(2 * n, length)).reshape(n, 2)
 
 
@@ -96,23 +59,8 @@ def pair_metrics(scores: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
       'reward_std': scores.std()}
 
 
-@flax.struct.dataclass
-class RewardModel:
-  """A reward model with its normalisation (a pytree: pass it to jitted functions)."""
-  model: ScalarLM = flax.struct.field(pytree_node=False)
-  params: Any
-  gain: float
-  bias: float
-
-  def score(self, tokens: jnp.ndarray, positions: jnp.ndarray,
-            segment_ids: jnp.ndarray) -> jnp.ndarray:
-    """Normalised rewards [batch] of sequences [batch, len] at their last non-padding token."""
-    raw = last_token_scores(self.model, self.params, tokens, positions, segment_ids)
-    return self.gain * raw + self.bias
-
-
 @functools.partial(jax.jit, static_argnames=('policy', 'max_new_tokens', 'temperature'))
-def sample_and_score(policy: nn.Module, policy_params: Any, reward: RewardModel | None,
+def sample_and_score(policy: nn.Module, policy_params: Any, reward: rl.RewardModel | None,
                      prompts: jnp.ndarray, prompt_mask: jnp.ndarray, key: jax.Array, *,
                      max_new_tokens: int, temperature: float, eos_id: int, pad_id: int
                      ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
@@ -140,7 +88,7 @@ def prompt_batches(tok: tokenizers.Tokenizer, prompts: Sequence[list[dict[str, s
 
 def policy_samples(config: ml_collections.ConfigDict, policy: nn.Module, policy_params: Any,
                    tok: tokenizers.Tokenizer, prompts: Sequence[list[dict[str, str]]],
-                   reward: RewardModel | None = None, seed: int = 0
+                   reward: rl.RewardModel | None = None, seed: int = 0
                    ) -> tuple[list[str], np.ndarray | None]:
   """The policy's replies to `prompts` (sampled as PPO will: ppo.temperature and
   ppo.max_new_tokens) and, given a reward model, their rewards [len(prompts)]."""
@@ -184,23 +132,6 @@ def policy_pair_accuracy(scores: np.ndarray, correct: np.ndarray) -> float:
   return float(wins / pairs) if pairs else float('nan')
 
 
-def load(workdir: str) -> tuple[tokenizers.Tokenizer, RewardModel]:
-  """The tokenizer and the normalised reward model of a trained reward run in `workdir`."""
-  path = os.path.join(workdir, 'reward_norm.json')
-  if not os.path.exists(path):
-    raise UserError(f'{workdir} holds no finished reward model (no reward_norm.json); train one '
-                    '(--experiment=reward_small) or fix ppo.reward_from.')
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  with open(path) as f:
-    norm = json.load(f)
-  tok = tokenizers.load_tokenizer(os.path.join(workdir, 'tokenizer'))
-  model = ScalarLM(config_lib.model_config(config, tok.vocab_size))
-  params, _ = loop.restore_params(config, workdir, lambda key: model.init(
-      key, jnp.zeros((1, 1), jnp.int32))['params'])
-  return tok, RewardModel(model, params, norm['gain'], norm['bias'])
-
-
 def make_task(config: ml_collections.ConfigDict, model: ScalarLM, init_params,
               train_rows: dict[str, np.ndarray], held_rows: dict[str, np.ndarray]) -> loop.Task:
   """The Bradley-Terry task on `preferences.encode_pairs` rows; init_params(key) -> params."""
@@ -237,18 +168,13 @@ def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.B
   return task, task.train_batch(0, 0, slice(None))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+def train(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Trains the reward model in `workdir` (resuming), then fits and saves its normalisation."""
-  config = copy.deepcopy(config)
-  if not config.train.init_from:
-    config.train.init_from = earlier_run(config, workdir, 'sft')
-  if jax.process_index() == 0:
-    config_lib.save_to_workdir(config, workdir)
-  tok, base = pretrain.init_from(config, workdir)
+  tok, base = runs.init_from(config, workdir)
   cfg = config_lib.model_config(config, tok.vocab_size)
   model = ScalarLM(cfg)
-  train, held_out = load_pairs(config)
-  _, _, policy, policy_params = pretrain.load_trained(config.train.init_from)
+  train, held_out = preferences.load_pairs(config)
+  _, _, policy, policy_params = runs.load_trained(config.train.init_from)
   if config.reward.policy_pairs:
     on_policy = policy_pairs(config, policy, policy_params, tok)
     print(f'{len(on_policy)} wrong replies of the SFT policy to {config.reward.policy_pairs} train '
@@ -269,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
                for k in sorted(set(kinds) & set(synthetic.KINDS))}}
   print(f'reward model held-out pairwise accuracy: {report}', flush=True)
   # Normalisation: the rewards of the SFT policy's own samples get mean 0 and std 1.
-  trained = RewardModel(model, result.params, 1.0, 0.0)
+  trained = rl.RewardModel(model, result.params, 1.0, 0.0)
   n = config.reward.normalise_samples
   _, raw = policy_samples(config, policy, policy_params, tok, [p.prompt for p in train[:n]],
                           trained)
@@ -294,3 +220,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     with open(os.path.join(workdir, 'reward_norm.json'), 'w') as f:
       json.dump({'gain': gain, 'bias': bias}, f)
   return result
+
+
+def sections() -> dict[str, ml_collections.ConfigDict]:
+  # Bradley-Terry loss on preference pairs (also DPO's pairs).
+  return {'reward': ml_collections.ConfigDict(dict(
+      path='',  # '' = pairs of the built-in task (research/data/preferences.py); else a .jsonl.
+      num_train=8000,  # Built-in pairs: train and held-out counts,
+      num_held_out=400,
+      held_out_fraction=0.05,  # a .jsonl: the share held out.
+      normalise_samples=256,  # SFT-policy samples whose rewards are made mean 0, std 1.
+      # Built-in pairs: also the SFT policy's wrong replies (at ppo.temperature) to this many
+      # train problems, each against the right answer: on-policy negatives.
+      policy_pairs=0,
+  ))}
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  if config.reward.policy_pairs and config.reward.path:
+    raise UserError(f'reward.policy_pairs={config.reward.policy_pairs} needs the built-in pairs '
+                    f'(their answers are checked), not reward.path={config.reward.path!r}; set '
+                    'one of them.')
+
+
+STAGE = stages.Stage(
+    name='reward', train=train, needs=(stages.Need('sft'),), sections=sections, check=check,
+    step_spec=step_spec, reads=('sft', 'pairs'),
+    not_generative='a reward model, which scores text but does not generate it; use an SFT, PPO '
+    'or DPO run.')

@@ -1,13 +1,12 @@
 """The whole post-training pipeline in one workdir: pretrain -> SFT -> reward model -> PPO, and
 DPO from the same SFT model, each stage in a subfolder (resumed, or skipped when done), the
-stage configs taken from `earlier.{sft,reward,ppo,dpo}`.
+stage configs those of `earlier.{sft,reward,ppo,dpo}` (research/train/stages.py).
 
 It ends with a comparison of the policies on the held-out prompts: true task accuracy of greedy
 replies, the normalised RM reward of those replies, and the KL (nats per response, sampled at
 ppo.temperature) to the SFT reference: <workdir>/results.{json,md} and rlhf.png.
 """
 
-import copy
 import functools
 import json
 import os
@@ -25,8 +24,8 @@ from research import rl
 from research import tokenizers
 from research.data import sft as sft_data
 from research.data import synthetic
-from research.errors import UserError
-from research.train import pretrain, reward, sft, stages
+from research import runs
+from research.train import stages
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -35,7 +34,7 @@ STAGES = ('sft', 'reward', 'ppo', 'dpo')
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature'))
-def policy_stats(model: nn.Module, params: Any, ref_params: Any, rm: reward.RewardModel,
+def policy_stats(model: nn.Module, params: Any, ref_params: Any, rm: rl.RewardModel,
                  prompts: jnp.ndarray, prompt_mask: jnp.ndarray, key: jax.Array, *,
                  max_new_tokens: int, temperature: float, eos_id: int, pad_id: int
                  ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -58,10 +57,10 @@ def policy_stats(model: nn.Module, params: Any, ref_params: Any, rm: reward.Rewa
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, ref_params: Any,
-             rm: reward.RewardModel, tok: tokenizers.Tokenizer,
+             rm: rl.RewardModel, tok: tokenizers.Tokenizer,
              held_out: Sequence[sft_data.Record]) -> dict[str, float]:
   """Held-out accuracy, mean RM reward and mean KL to the reference of the policy in `workdir`."""
-  _, _, model, params = pretrain.load_trained(workdir)
+  _, _, model, params = runs.load_trained(workdir)
   prompts, mask = decoding.left_pad(
       [decoding.chat_prompt(tok, r.messages[:-1]) for r in held_out], tok.pad_id)
   greedy, rewards, kl = jax.device_get(policy_stats(
@@ -99,30 +98,26 @@ def write_report(workdir: str, rows: dict[str, dict[str, float]]) -> str:
   return table
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or skips) every stage in subfolders of `workdir`, then compares the policies."""
-  missing = [s for s in STAGES if s not in config.earlier]
-  if missing:
-    raise UserError(f'stage=rlhf needs the configs earlier.{{{",".join(missing)}}}; see '
-                    'experiments/rlhf_small.py.')
-  e = copy.deepcopy(config.earlier)
-  runs = {'sft': stages.run_stage(e.sft, os.path.join(workdir, 'sft'))}
-  e.reward.train.init_from = e.ppo.train.init_from = e.dpo.train.init_from = runs['sft']
-  reward_dir = stages.run_stage(e.reward, os.path.join(workdir, 'reward'))
-  e.ppo.ppo.reward_from = reward_dir
-  runs['ppo'] = stages.run_stage(e.ppo, os.path.join(workdir, 'ppo'))
-  runs['dpo'] = stages.run_stage(e.dpo, os.path.join(workdir, 'dpo'))
-  pretrained = os.path.join(runs['sft'], 'pretrain')
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Compares the policies of the stages run in subfolders of `workdir` (run first, as the
+  stage's needs) on the held-out prompts PPO trains on."""
+  runs_ = {name: os.path.join(workdir, name) for name in ('sft', 'ppo', 'dpo')}
+  pretrained = os.path.join(runs_['sft'], 'pretrain')
   if os.path.exists(os.path.join(pretrained, 'config.json')):
-    runs = {'pretrain': pretrained, **runs}
-
-  tok, rm = reward.load(reward_dir)
-  _, held_out = sft.load_records(e.ppo)  # The task PPO trains on (sft.kinds may be a subset).
-  _, _, _, ref_params = pretrain.load_trained(runs['sft'])
-  rows = {name: evaluate(e.ppo, d, ref_params, rm, tok, held_out) for name, d in runs.items()}
+    runs_ = {'pretrain': pretrained, **runs_}
+  tok, rm = runs.load_reward(os.path.join(workdir, 'reward'))
+  ppo = stages.earlier_config(config, 'ppo')
+  _, held_out = sft_data.load_records(ppo)  # The task PPO trains on (sft.kinds may be a subset).
+  _, _, _, ref_params = runs.load_trained(runs_['sft'])
+  rows = {name: evaluate(ppo, d, ref_params, rm, tok, held_out) for name, d in runs_.items()}
   if jax.process_index() == 0:
     print(write_report(workdir, rows), flush=True)
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump({'finished': True, **{f'{n}/{k}': v for n, r in rows.items()
-                                      for k, v in r.items()}}, f)
+    runs.write_summary(workdir, {'finished': True, **{f'{n}/{k}': v for n, r in rows.items()
+                                                       for k, v in r.items()}})
   return rows
+
+
+STAGE = stages.Stage(
+    name='rlhf', train=train, needs=tuple(stages.Need(name, '') for name in STAGES),
+    not_generative='the comparison of an RLHF pipeline\'s policies; generate from one of its '
+    'stages (e.g. --workdir=<this>/ppo).', reads=('sft', 'pairs'))

@@ -23,8 +23,7 @@ from research import tokenizers
 from research.data import numbers
 from research.errors import UserError
 from research.nn.transformer import DecoderLM, init_decoder
-from research.train import loop
-from research.train.pretrain import lm_fns, prepare_tokenizer, target_tokens
+from research.train import lm, loop, stages
 
 Batch = dict[str, np.ndarray]
 TOKENIZER_PAIRS = 5000  # Train pairs the tokenizer learns its vocabulary from.
@@ -79,7 +78,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM,
               tok: tokenizers.Tokenizer) -> loop.Task:
   t, m = config.train, config.model
   micro_batch = t.batch_size // t.grad_accum_steps
-  loss_fn, lm_eval_fn = lm_fns(model, t.loss_chunk)
+  loss_fn, lm_eval_fn = lm.lm_fns(model, t.loss_chunk)
 
   def train_batch(step: int, micro: int, rows: slice) -> Batch:
     rng = np.random.default_rng([config.seed, step, micro])
@@ -99,7 +98,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM,
       eval_batches=[encode_pairs(p, tok, t.seq_len) for p in held_out_pairs(config)],
       tokens_per_step=2 * t.batch_size * t.seq_len,
       flops_per_token=lambda params: flops_per_token(params, m.num_layers, m.d_model, t.seq_len),
-      batch_weight=target_tokens)
+      batch_weight=lm.target_tokens)
 
 
 def held_out_pairs(config: ml_collections.ConfigDict) -> list[list[tuple[str, str]]]:
@@ -138,10 +137,10 @@ def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, Batch]
   return task, task.train_batch(0, 0, slice(None))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+def train(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Trains the encoder-decoder in `workdir` (resuming if it holds a checkpoint); then scores
   greedy and beam search on the held-out pairs."""
-  tok = prepare_tokenizer(config, workdir, lambda: tokenizer_texts(config))
+  tok = lm.prepare_tokenizer(config, workdir, lambda: tokenizer_texts(config))
   model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
   print(f'tokenizer {config.tokenizer.kind}: vocab {tok.vocab_size}', flush=True)
   result = loop.run(config, workdir, make_task(config, model, tok))
@@ -167,3 +166,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
         f'{scores["greedy_exact_match"]:.4f}, beam ({config.sampling.num_beams}) '
         f'{scores["beam_exact_match"]:.4f}', flush=True)
   return result
+
+
+STAGE = stages.Stage(name='seq2seq', train=train, family='encoder_decoder', step_spec=step_spec)

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 
 from research import config as config_lib
-from research import decoding
 from research import perf
 from research import tokenizers
 from research.data import sft as sft_data
@@ -26,7 +25,8 @@ from research.data import synthetic
 from research.errors import UserError
 from research.nn import lora
 from research.nn.transformer import DecoderLM, init_decoder
-from research.train import loop, pretrain, stages
+from research import runs
+from research.train import lm, loop, stages
 
 
 def base_run(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -39,21 +39,6 @@ def base_run(config: ml_collections.ConfigDict, workdir: str) -> str:
   pre.lora.rank = 0
   pre.train.update(config.sft.pretrain.to_dict())
   return stages.run_stage(pre, os.path.join(workdir, 'pretrain'))
-
-
-def load_records(config: ml_collections.ConfigDict
-                 ) -> tuple[list[sft_data.Record], list[sft_data.Record]]:
-  """(train, held-out) records: of the JSONL file sft.path, or of the built-in task."""
-  s = config.sft
-  if s.path:
-    train, held_out = sft_data.split(sft_data.read_jsonl(s.path), s.held_out_fraction)
-  else:
-    train, held_out = (sft_data.task_records(synthetic.problems(split, n, config.seed, s.kinds))
-                       for split, n in (('train', s.num_train), ('held_out', s.num_held_out)))
-  if not train or not held_out:
-    raise UserError(f'the SFT data has {len(train)} train and {len(held_out)} held-out records; '
-                    'both need some: add records or change sft.held_out_fraction.')
-  return train, held_out
 
 
 def make_rows(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer,
@@ -74,37 +59,13 @@ def make_rows(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer,
   return rows
 
 
-def exact_match(model: DecoderLM, params: Any, tok: tokenizers.Tokenizer,
-                records: Sequence[sft_data.Record], sampling: ml_collections.ConfigDict,
-                max_new_tokens: int) -> list[bool]:
-  """Whether the greedy reply to each conversation's earlier turns equals its last (assistant)
-  message, stripped."""
-  s = copy.deepcopy(sampling)
-  s.update(dict(strategy='greedy', max_new_tokens=max_new_tokens))
-  prompts = [decoding.chat_prompt(tok, r.messages[:-1]) for r in records]
-  replies = decoding.generate(model, params, tok, prompts, s, jax.random.key(0))
-  return [synthetic.matches(tok.decode(reply), r.messages[-1]['content'])
-          for reply, r in zip(replies, records)]
-
-
-def score(config: ml_collections.ConfigDict, model: DecoderLM, params: Any,
-          tok: tokenizers.Tokenizer, records: Sequence[sft_data.Record]) -> dict[str, float]:
-  """Held-out exact match: 'all', and per kind ('add', ...) for the built-in task."""
-  scored = [r for r in records if r.messages and r.messages[-1]['role'] == 'assistant']
-  correct = exact_match(model, params, tok, scored, config.sampling, config.sft.max_new_tokens)
-  out = {'all': float(np.mean(correct))}
-  for kind in sorted({r.where for r in scored} & set(synthetic.KINDS)):
-    out[kind] = float(np.mean([c for c, r in zip(correct, scored) if r.where == kind]))
-  return out
-
-
 def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
               train_rows: dict[str, np.ndarray], held_out_rows: dict[str, np.ndarray]
               ) -> loop.Task:
   """Full fine-tuning of `base`, or (lora.rank > 0) training adapters of it, on packed rows."""
   t, lc = config.train, config.lora
   micro_batch = t.batch_size // t.grad_accum_steps
-  lm_loss_fn, lm_eval_fn = pretrain.lm_fns(model, t.loss_chunk)
+  lm_loss_fn, lm_eval_fn = lm.lm_fns(model, t.loss_chunk)
   loss_fn, eval_fn, init_params, frozen = lm_loss_fn, lm_eval_fn, lambda key: base, None
   start = None if lc.rank else base
   if lc.rank:  # The trained params are the adapters; the base weights are frozen.
@@ -124,7 +85,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
       eval_batches=eval_batches,
       tokens_per_step=t.batch_size * t.seq_len,
       flops_per_token=lambda params: flops,
-      batch_weight=pretrain.target_tokens,
+      batch_weight=lm.target_tokens,
       frozen=frozen,
       start_params=start)
 
@@ -144,20 +105,19 @@ def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.B
   return task, task.train_batch(0, 0, slice(None))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+def train(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Fine-tunes in `workdir` (resuming if it holds a checkpoint); writes exact_match.json."""
   config = copy.deepcopy(config)
   config.train.init_from = base_run(config, workdir)
   if config.lora.rank and not config.train.init_from:
     raise UserError(f'lora.rank={config.lora.rank} needs weights to adapt; set train.init_from or '
                     'sft.pretrain.steps > 0, or lora.rank=0 to train all weights.')
-  train, held_out = load_records(config)
+  train, held_out = sft_data.load_records(config)
   if config.train.init_from:
-    if jax.process_index() == 0:  # Records where the weights came from (load_trained reads it).
-      config_lib.save_to_workdir(config, workdir)
-    tok, base = pretrain.init_from(config, workdir)
+    runs.write_config(config, workdir)  # Records where the weights came from (for LoRA).
+    tok, base = runs.init_from(config, workdir)
   else:
-    tok = pretrain.prepare_tokenizer(config, workdir, lambda: [
+    tok = lm.prepare_tokenizer(config, workdir, lambda: [
         r.text if r.messages is None else ''.join(m['content'] for m in r.messages)
         for r in train])
   model = DecoderLM(config_lib.model_config(config, tok.vocab_size))
@@ -166,14 +126,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
                       jnp.zeros((1, config.train.seq_len), jnp.int32))['params']
   task = make_task(config, model, base, make_rows(config, tok, train, 'train'),
                    make_rows(config, tok, held_out, 'held-out'))
-  results = {'before': score(config, model, base, tok, held_out)}
+  results = {'before': sft_data.score(config, model, base, tok, held_out)}
   print(f'held-out exact match before SFT: {results["before"]}', flush=True)
   result = loop.run(config, workdir, task)
   params = (lora.merge(base, result.params, config.lora.alpha, config.lora.rank)
             if config.lora.rank else result.params)
-  results['after'] = score(config, model, params, tok, held_out)
+  results['after'] = sft_data.score(config, model, params, tok, held_out)
   print(f'held-out exact match after SFT: {results["after"]}', flush=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'exact_match.json'), 'w') as f:
       json.dump(results, f, indent=2)
   return result
+
+
+def sections() -> dict[str, ml_collections.ConfigDict]:
+  return {
+      'sft': ml_collections.ConfigDict(dict(
+          path='',  # '' = the built-in verifiable task (research/data/synthetic.py); else a .jsonl.
+          num_train=20000,  # Built-in task: train problems,
+          num_held_out=200,  # and held-out ones (loss and exact match),
+          kinds=synthetic.KINDS,  # of these kinds (also the reward pairs' and PPO prompts').
+          held_out_fraction=0.05,  # A .jsonl: the share of records held out.
+          packing=True,  # Several examples per row (segment ids), else one padded example per row.
+          overlong='truncate',  # Examples longer than train.seq_len + 1 tokens: truncate | skip.
+          max_new_tokens=16,  # Greedy reply length for held-out exact match.
+          # Without train.init_from: pretrain first (in <workdir>/pretrain) with these train.*
+          # keys (steps=0: fine-tune the random init).
+          pretrain=ml_collections.ConfigDict(dict(steps=0, batch_size=16, learning_rate=2e-3,
+                                                  warmup_steps=50)),
+      )),
+      # LoRA (research/nn/lora.py); rank 0 = full fine-tuning. targets: regexes over parameter
+      # paths.
+      'lora': ml_collections.ConfigDict(dict(
+          rank=0,
+          alpha=16.0,
+          targets=(r'attn/(query|key|value|out)/kernel$', r'ffn/(wi|wg|wo)/kernel$'),
+      )),
+  }
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  if config.lora.rank < 0:
+    raise UserError(f'lora.rank={config.lora.rank} must be >= 0 (0 = full fine-tuning).')
+  if config.sft.overlong not in OVERLONG:
+    raise UserError(f'sft.overlong={config.sft.overlong!r} is not one of {OVERLONG}.')
+
+
+OVERLONG = ('truncate', 'skip')
+STAGE = stages.Stage(name='sft', train=train, sections=sections, check=check, step_spec=step_spec,
+                     reads=('sft',))
