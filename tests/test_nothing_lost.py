@@ -314,7 +314,7 @@ def test_a_bad_sft_file_is_refused_before_earlier_stages_train(tmp_path):
   bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')
   workdir = tmp_path / 'run'
   proc = launch([sys.executable, 'launch.py', '--experiment=reward_small', f'--workdir={workdir}',
-                 f'--config.sft.path={bad}', f'--config.earlier.sft.sft.path={bad}'])
+                 f'--config.sft.path={bad}'])  # Every stage's, the earlier SFT's too.
   assert_one_line_error(proc, f'{bad}:2')
   assert not workdir.exists()
 
