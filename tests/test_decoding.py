@@ -17,7 +17,7 @@ from research import tokenizers
 from research.errors import UserError
 from research.nn.config import ModelConfig
 from research.nn.transformer import DecoderLM, init_cache
-from research.train import pretrain
+from research import runs
 
 TEXT = 'the quick brown fox jumps over the lazy dog; THE QUICK BROWN FOX 0123456789.'
 ARCHS = {  # Few, as each compiles its own programs.
@@ -361,7 +361,7 @@ def test_bad_prompts_raise(tok, lm):
 
 
 def test_chat_keeps_history_and_stops_at_exit(tok, lm, monkeypatch):
-  monkeypatch.setattr(pretrain, 'load_trained', lambda workdir: (None, tok, *lm))
+  monkeypatch.setattr(runs, 'load_trained', lambda workdir: (None, tok, *lm))
   prompts = []
   real_generate = decoding.generate
 
@@ -383,7 +383,7 @@ def test_chat_keeps_history_and_stops_at_exit(tok, lm, monkeypatch):
 def test_chat_refuses_an_encoder_decoder_run(tok, monkeypatch):
   model = DecoderLM(ModelConfig(vocab_size=tok.vocab_size, num_layers=1, num_heads=2, d_model=16,
                                 max_len=32, family='encoder_decoder'))
-  monkeypatch.setattr(pretrain, 'load_trained', lambda workdir: (None, tok, model, None))
+  monkeypatch.setattr(runs, 'load_trained', lambda workdir: (None, tok, model, None))
   with pytest.raises(UserError, match='encoder-decoder model.*--mode=generate'):
     generate.chat_main('run', _sampling(), io.StringIO('hi\n'), io.StringIO())
 
@@ -391,7 +391,7 @@ def test_chat_refuses_an_encoder_decoder_run(tok, monkeypatch):
 def test_generate_main(tok, lm, monkeypatch, tmp_path, capsys):
   with pytest.raises(UserError, match='holds no run'):
     generate.generate_main(str(tmp_path), 'the', _sampling())
-  monkeypatch.setattr(pretrain, 'load_trained', lambda workdir: (None, tok, *lm))
+  monkeypatch.setattr(runs, 'load_trained', lambda workdir: (None, tok, *lm))
   with pytest.raises(UserError, match='got no prompt'):
     generate.generate_main('run', None, _sampling())
   greedy = _sampling(strategy='greedy')
