@@ -37,7 +37,6 @@ from research.train import loop, pretrain
 from research.train.optimizer import make_optimizer
 
 CHAR_VOCAB = 65  # nanoGPT's Shakespeare characters.
-ONE = np.float32(1)  # The train step's gradient scale (no accumulation).
 
 
 def workload(name: str):
@@ -68,7 +67,7 @@ def setup(config, vocab: int):
       jax.random.key(0))
   t0 = time.perf_counter()
   step_fn = loop.make_train_step(task, tx, 0, flat_optimizer=flat).lower(
-      state, task.train_batch(0, 0, slice(None)), np.int32(0), ONE).compile()
+      state, task.train_batch(0, 0, slice(None)), np.int32(0)).compile()
   return task, state, step_fn, time.perf_counter() - t0
 
 
@@ -85,7 +84,7 @@ def bench(config, vocab: int, steps: int, warmup: int, window: int,
   flops_per_step = task.flops_per_token(state.params) * tokens
   probe = perf.matmul_probe() if peak is None else lambda: peak
   for i in range(warmup):
-    state, out = step_fn(state, task.train_batch(i, 0, slice(None)), np.int32(i), ONE)
+    state, out = step_fn(state, task.train_batch(i, 0, slice(None)), np.int32(i))
   jax.block_until_ready(state)
   times, peaks, data_sec = [], [], 0.0
   start, began = warmup, time.perf_counter()
@@ -96,7 +95,7 @@ def bench(config, vocab: int, steps: int, warmup: int, window: int,
         t1 = time.perf_counter()
         batch = batches.get((i,), (i + 1,))
         data_sec += time.perf_counter() - t1
-        state, out = step_fn(state, batch, np.int32(i), ONE)
+        state, out = step_fn(state, batch, np.int32(i))
       jax.block_until_ready((state, out))
       times.append((time.perf_counter() - t0) / window)
       peaks.append(max(probe() for _ in range(3)))  # The first run is slow after a long step.

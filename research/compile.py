@@ -183,9 +183,9 @@ class Report:
             f'| temporaries | {self.temporaries / GIB:.3f} |',
             f'| total | {self.total / GIB:.3f} ({self.total / self.hbm:.0%} of HBM) |',
             f'| analytic floor | {self.floor / GIB:.3f} (total / floor {self.total / self.floor:.2f}) |',
-            f'FLOPs per chip per micro-step: compiled {self.compiled_flops:.3g} '
+            f'FLOPs per chip per step: compiled {self.compiled_flops:.3g} '
             f'({self.flops_counted}), model (6N + attention) {self.model_flops:.3g}',
-            (f'projected micro-step >= {self.step_seconds * 1e3:.1f} ms (roofline at '
+            (f'projected step >= {self.step_seconds * 1e3:.1f} ms (roofline at '
              f'{self.peak / 1e12:.0f} TFLOP/s bf16 and {self.bandwidth / 1e9:.0f} GB/s HBM; '
              f'{self.bytes_accessed / GIB:.1f} GiB accessed): MFU <= {self.mfu:.1%}'
              if self.flops_counted != LOOPS_ONCE else
@@ -261,14 +261,15 @@ def _compile(config: ml_collections.ConfigDict, topology: str, num_slices: int,
     state = placed(abstract, state_sharding)
     frozen_sharding = parallel.state_shardings(task.frozen, mesh)
     frozen = placed(task.frozen, frozen_sharding) if task.frozen is not None else None
-    batch_sharding = parallel.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-             for k, v in batch.items()}
+    accum = t.grad_accum_steps  # The step scans over its micro-batches.
+    batch_sharding = parallel.batch_sharding(mesh, stacked=accum > 1)
+    batch = {k: jax.ShapeDtypeStruct(((accum,) if accum > 1 else ()) + v.shape, v.dtype,
+                                     sharding=batch_sharding) for k, v in batch.items()}
     start = time.perf_counter()
-    step = loop.make_train_step(task, tx, config.seed, state_sharding, batch_sharding, flat,
-                                frozen_sharding)
+    step = loop.make_train_step(task, tx, config.seed, accum, state_sharding, batch_sharding,
+                                flat, frozen_sharding)
     try:
-      compiled = step.lower(state, batch, np.int32(0), np.float32(1), frozen).compile(options)
+      compiled = step.lower(state, batch, np.int32(0), frozen).compile(options)
     except jax.errors.JaxRuntimeError as e:
       if 'RESOURCE_EXHAUSTED' not in str(e):
         raise
@@ -286,7 +287,7 @@ def _compile(config: ml_collections.ConfigDict, topology: str, num_slices: int,
            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   floor = params + _bytes_per_device(state.params) + opt_state + activation_floor(
       model_cfg, t, mesh, rows)
-  tokens = task.tokens_per_step / t.grad_accum_steps
+  tokens = task.tokens_per_step
   model_flops = task.flops_per_token(abstract.params) * tokens / len(devices)
   hlo = compiled.as_text()
   loops = ' while(' in hlo

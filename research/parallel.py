@@ -122,9 +122,10 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
       abstract_state)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches: the leading (example) dimension split over data x fsdp."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+  """Batches: the example dimension split over data x fsdp; it is the leading one, or with
+  `stacked` (micro-batches [accum, rows, ...]) the second."""
+  return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
 
 
 def check_batch(global_batch: int, mesh: Mesh) -> None:

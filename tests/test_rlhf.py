@@ -361,7 +361,8 @@ def test_rlhf_pipeline_runs_end_to_end_through_launch(tmp_path):
   """rlhf_small with every stage shrunk to a few steps: all stages run, the table is written,
   a rerun skips the finished stages, and the PPO policy loads for generation."""
   shrink = ['--config.sft.num_held_out=64', '--config.sft.pretrain.steps=10',  # Every stage's.
-            '--config.reward.normalise_samples=64', '--config.earlier.reward.reward.policy_pairs=256']
+            '--config.reward.normalise_samples=64',
+            '--config.earlier.reward.reward.policy_pairs=256']
   for stage, steps in (('sft', 20), ('reward', 10), ('ppo', 3), ('dpo', 10)):
     shrink += [f'--config.earlier.{stage}.train.steps={steps}',  # One stage's.
                f'--config.earlier.{stage}.train.eval_every={steps}']

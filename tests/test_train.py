@@ -105,8 +105,8 @@ def test_resume_after_crash_gives_identical_losses(tiny_corpus, tmp_path, monkey
 
 
 def test_gradient_accumulation_may_change_on_resume(tiny_corpus, tmp_path):
-  """Steps 1-4 without accumulation, 5-8 with 2 micro-batches, 9-12 without again: each resume
-  carries the optimiser state over (Adam's step count reaches 12; the moments are kept)."""
+  """Steps 1-4 without accumulation, 5-8 with 2 micro-batches, 9-12 without again: the optimiser
+  state is the same either way (Adam's step count reaches 12; the moments are kept)."""
   workdir = str(tmp_path)
   for steps, accum in ((4, 1), (8, 2), (12, 1)):
     config = tiny_config(tiny_corpus, steps=steps, grad_accum_steps=accum, eval_every=100)
@@ -114,7 +114,7 @@ def test_gradient_accumulation_may_change_on_resume(tiny_corpus, tmp_path):
     assert np.isfinite(result.metrics['train/loss'])
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'))
   tx = make_optimizer(config.train, config_lib.flat_optimizer(config))
-  state = loop.restore_state(ckpt, 12, loop.TrainState(result.params, tx.init(result.params)))
+  state = ckpt.restore(12, loop.TrainState(result.params, tx.init(result.params)))
   ckpt.close()
   counts = [int(x) for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
             if 'count' in jax.tree_util.keystr(path)]
@@ -180,7 +180,7 @@ def test_few_documents_are_split_inside_each_and_many_whole():
 
 
 def test_gradient_accumulation_equals_the_big_batch():
-  """One optimiser step over 2 micro-batches of 2 rows == one step over the 4 rows."""
+  """One optimiser step over 2 stacked micro-batches of 2 rows == one step over the 4 rows."""
   x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
   y = x @ np.array([1.0, -2.0, 0.5], np.float32)
 
@@ -191,16 +191,14 @@ def test_gradient_accumulation_equals_the_big_batch():
   task = loop.Task(init_params=lambda key: {'w': jnp.zeros((3,))}, loss_fn=loss_fn,
                    eval_fn=None, train_batch=None, eval_batches=[], tokens_per_step=0,
                    flops_per_token=None)
+  cfg = default_config().train
+  cfg.update(warmup_steps=0, schedule='constant', learning_rate=0.1)
+  tx = make_optimizer(cfg)
   params = []
-  for accum, batches in ((1, [slice(0, 4)]), (2, [slice(0, 2), slice(2, 4)])):
-    cfg = default_config().train
-    cfg.update(grad_accum_steps=accum, warmup_steps=0, schedule='constant', learning_rate=0.1)
-    tx = make_optimizer(cfg)
+  for accum, batch in ((1, {'x': x, 'y': y}), (2, {'x': x.reshape(2, 2, 3), 'y': y.reshape(2, 2)})):
     p = task.init_params(None)
-    state = loop.TrainState(p, tx.init(p))
-    step = loop.make_train_step(task, tx, seed=0)
-    for i, rows in enumerate(batches):
-      state, _ = step(state, {'x': x[rows], 'y': y[rows]}, np.int32(i), np.float32(1))
+    step = loop.make_train_step(task, tx, seed=0, accum=accum)
+    state, _ = step(loop.TrainState(p, tx.init(p)), batch, np.int32(0))
     params.append(np.asarray(state.params['w']))
   assert np.abs(params[0]).min() > 0
   np.testing.assert_allclose(params[0], params[1], atol=1e-6)
@@ -208,9 +206,9 @@ def test_gradient_accumulation_equals_the_big_batch():
 
 def test_accumulated_token_means_equal_the_big_batch():
   """Losses that are means over weighted tokens (SFT, seq2seq, MLM): micro-batches holding 3 and
-  1 tokens, their gradients scaled by loop.micro_scales, make the step of the 4 tokens at once
-  (and its grad_norm, reported at the last micro-batch); plain averaging of the two means would
-  weight the lone token 3 times as much."""
+  1 tokens, weighted by Task.batch_weight inside the step, make the step (loss, grad_norm and
+  update) of the 4 tokens at once; plain averaging of the two means would weight the lone token
+  3 times as much."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(6, 3)).astype(np.float32)
   y = rng.normal(size=(6,)).astype(np.float32)
@@ -221,27 +219,25 @@ def test_accumulated_token_means_equal_the_big_batch():
     err = (batch['x'] @ params['w'] - batch['y']) ** 2
     return (err * batch['w']).sum() / batch['w'].sum(), {}
 
-  task = loop.Task(init_params=None, loss_fn=loss_fn, eval_fn=None, train_batch=None,
-                   eval_batches=[], tokens_per_step=0, flops_per_token=None)
-
-  def train(micro_batches, scales):
-    tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=len(micro_batches))
+  def train(accum, weigh):
+    task = loop.Task(init_params=None, loss_fn=loss_fn, eval_fn=None, train_batch=None,
+                     eval_batches=[], tokens_per_step=0, flops_per_token=None,
+                     batch_weight=(lambda b: b['w'].sum()) if weigh else None)
+    tx = optax.sgd(0.1)
     p = {'w': jnp.ones((3,))}
-    state = loop.TrainState(p, tx.init(p))
-    step = loop.make_train_step(task, tx, seed=0)
-    for i, (rows, scale) in enumerate(zip(micro_batches, scales)):
-      state, out = step(state, {'x': x[rows], 'y': y[rows], 'w': w[rows]}, np.int32(i), scale)
-    return np.asarray(state.params['w']), float(out['grad_norm'])
+    batch = {'x': x, 'y': y, 'w': w}
+    if accum > 1:
+      batch = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
+    state, out = loop.make_train_step(task, tx, seed=0, accum=accum)(
+        loop.TrainState(p, tx.init(p)), batch, np.int32(0))
+    return np.asarray(state.params['w']), float(out['grad_norm']), float(out['loss'])
 
-  one = np.ones(2, np.float32)
-  big, big_norm = train([slice(0, 6)], one)
+  big, big_norm, big_loss = train(1, True)
   np.testing.assert_allclose(big_norm, np.linalg.norm((np.ones(3) - big) / 0.1), rtol=1e-5)
-  halves = [slice(0, 3), slice(3, 6)]
-  np.testing.assert_allclose(loop.micro_scales([3.0, 1.0]), [1.5, 0.5])
-  accumulated, norm = train(halves, loop.micro_scales([3.0, 1.0]))
+  accumulated, norm, loss = train(2, True)
   np.testing.assert_allclose(accumulated, big, atol=1e-6)
-  np.testing.assert_allclose(norm, big_norm, rtol=1e-5)
-  assert np.abs(train(halves, one)[0] - big).max() > 1e-2
+  np.testing.assert_allclose([norm, loss], [big_norm, big_loss], rtol=1e-5)
+  assert np.abs(train(2, False)[0] - big).max() > 1e-2
 
 
 def test_eval_averages_weighted_means_over_the_whole_set():
@@ -279,7 +275,7 @@ def test_flattened_optimizer_equals_adamw_per_parameter():
     step = loop.make_train_step(task, tx, seed=0, flat_optimizer=flat)
     norms = []
     for i in range(3):
-      state, out = step(state, batch, np.int32(i), np.float32(1))
+      state, out = step(state, batch, np.int32(i))
       norms.append(float(out['grad_norm']))
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
     results.append((state.params, norms, moments))

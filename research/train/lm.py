@@ -9,7 +9,6 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from research import tokenizers
@@ -66,9 +65,9 @@ def chunked_lm_loss(hidden: jnp.ndarray, unembedding: jnp.ndarray, targets: jnp.
   return loss / total, correct / total
 
 
-def target_tokens(batch: dict[str, np.ndarray]) -> float:
+def target_tokens(batch: dict[str, jnp.ndarray]) -> jnp.ndarray:
   """The weighted targets that `lm_loss` averages over (a `loop.Task.batch_weight`)."""
-  return float(np.sum(batch['weights']))
+  return jnp.sum(batch['weights'])
 
 
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_texts,

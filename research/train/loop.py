@@ -62,12 +62,11 @@ class Task:
     exactly. rows_per_update: the rows of one update's batch (0: train.batch_size /
     train.grad_accum_steps). evaluate(params) -> host metrics (e.g. exact match of generated
     replies), logged with the eval metrics of eval_batches (which may then be empty).
-  batch_weight(batch) -> float: what loss_fn averages over in a batch of numpy rows (e.g. the
-    weighted target tokens), when it varies between batches; with train.grad_accum_steps > 1 each
-    micro-batch's gradient (of the whole loss_fn, MoE auxiliary losses included) then counts in
-    proportion to it, so the step equals one over the whole batch (`micro_scales`), and so does
-    the logged train loss. None: every micro-batch counts the same (right when all hold as many
-    of the loss's units).
+  batch_weight(batch) -> float32 scalar (traced, on the device): what loss_fn averages over in a
+    micro-batch (e.g. its weighted target tokens), when that varies between micro-batches; with
+    train.grad_accum_steps > 1 each micro-batch's gradient (of the whole loss_fn, MoE auxiliary
+    losses included) and metrics then count in proportion to it, so that the update equals one
+    over the whole batch. None: every micro-batch counts the same.
   """
   init_params: Callable[[jax.Array], Params]
   loss_fn: Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict]]
@@ -142,56 +141,65 @@ class Preempted:
       signal.signal(sig, handler)
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int,
+def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int, accum: int = 1,
                     state_sharding: Any = None, batch_sharding: Any = None,
                     flat_optimizer: bool = False, frozen_sharding: Any = None):
-  """One micro-step: loss, grads, optimiser update. `index` = step * accum + micro seeds dropout;
-  the gradient is multiplied by `grad_scale` (float32 scalar, see `micro_scales`; 1 without
-  accumulation), the reported loss is not. The reported grad_norm is that of the gradient the
-  optimiser step applies (before clipping): with accumulation (optax.MultiSteps), of the mean of
-  the step's micro-batch gradients so far, the whole step's at its last micro-batch.
+  """One optimiser update: loss, gradients, update. With accum > 1 the batch holds that many
+  micro-batches (every array [accum, rows, ...]) whose gradients and metrics a lax.scan sums on
+  the device, each weighted by task.batch_weight (equal without), then divides by the weights'
+  sum: the update and metrics of the whole batch at once, with one micro-batch's activations
+  alive at a time. `index` (the loop's step * updates_per_step + update) seeds dropout; micro-batch
+  m uses index * accum + m. The reported grad_norm is that of the applied gradient, before
+  clipping.
 
   flat_optimizer: `tx` was made with flat=True (see optimizer.grad_norm).
 
   With shardings, the state stays sharded as given (donated, updated in place), batches
   arrive sharded over the batch axes and `frozen` (task.frozen) as `frozen_sharding`.
   """
-  def scaled_loss(params, batch, key, grad_scale, frozen):
-    loss, aux = task.loss_fn(params, batch, key, **task.with_frozen(frozen))
-    return loss * grad_scale, (loss, aux)
+  def loss_and_grads(params, batch, key, frozen):
+    loss_fn = lambda p: task.loss_fn(p, batch, key, **task.with_frozen(frozen))
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, {'loss': loss, **aux}
 
-  def train_step(state: TrainState, batch: Batch, index: jax.Array, grad_scale: jax.Array,
+  def accumulated(params, batch, index, frozen):
+    """The batch_weight-weighted means of the micro-batches' gradients and metrics."""
+    keys = [jax.random.fold_in(jax.random.key(seed), index * accum + m) for m in range(accum)]
+
+    def micro(carry, xs):
+      key, mb = xs
+      grads, metrics = loss_and_grads(params, mb, key, frozen)
+      w = jnp.float32(1) if task.batch_weight is None else jnp.float32(task.batch_weight(mb))
+      add = lambda total, x: total + w * x.astype(total.dtype)
+      return (jax.tree.map(add, carry[0], grads), jax.tree.map(add, carry[1], metrics),
+              carry[2] + w), None
+
+    shapes = jax.eval_shape(loss_and_grads, params, jax.tree.map(lambda x: x[0], batch), keys[0],
+                            frozen)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    (grads, metrics, total), _ = jax.lax.scan(micro, (*zeros, jnp.float32(0)),
+                                              (jnp.stack(keys), batch))
+    scale = 1 / jnp.maximum(total, 1e-9)
+    grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+    return grads, jax.tree.map(lambda m: m * scale, metrics)
+
+  def train_step(state: TrainState, batch: Batch, index: jax.Array,
                  frozen: Params | None = None):
-    key = jax.random.fold_in(jax.random.key(seed), index)
-    (_, (loss, aux)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
-        state.params, batch, key, grad_scale, frozen)
-    step_grads = grads
-    if isinstance(state.opt_state, optax.MultiStepsState):  # MultiSteps' running mean.
-      n = state.opt_state.mini_step
-      step_grads = jax.tree.map(lambda acc, g: acc + (g - acc) / (n + 1),
-                                state.opt_state.acc_grads, grads)
+    if accum == 1:
+      key = jax.random.fold_in(jax.random.key(seed), index)
+      grads, metrics = loss_and_grads(state.params, batch, key, frozen)
+    else:
+      grads, metrics = accumulated(state.params, batch, index, frozen)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(params=params, opt_state=opt_state), {
-        'loss': loss, 'grad_norm': optimizer.grad_norm(step_grads, flat_optimizer), **aux}
+        **metrics, 'grad_norm': optimizer.grad_norm(grads, flat_optimizer)}
   options = perf.compiler_options()
   if state_sharding is None:
     return jax.jit(train_step, donate_argnums=0, compiler_options=options)
   return jax.jit(train_step, donate_argnums=0,
-                 in_shardings=(state_sharding, batch_sharding, None, None, frozen_sharding),
+                 in_shardings=(state_sharding, batch_sharding, None, frozen_sharding),
                  out_shardings=(state_sharding, None), compiler_options=options)
-
-
-def micro_scales(weights: list[float]) -> np.ndarray:
-  """float32 [k]: gradient scales of a step's k micro-batches whose losses are means over
-  `weights` units each (e.g. target tokens). optax.MultiSteps averages the k gradients; scaled by
-  k * w_i / sum(w), their average is the gradient of the mean over all the step's units, as one
-  batch would give (equal micro-batch means would over-weight the units of a small micro-batch).
-  """
-  w = np.asarray(weights, np.float64)
-  if w.sum() <= 0:
-    return np.ones(len(w), np.float32)
-  return (len(w) * w / w.sum()).astype(np.float32)
 
 
 def evaluate(eval_step, params: Params, batches: list[Batch], *args) -> dict[str, float]:
@@ -214,25 +222,6 @@ def evaluate(eval_step, params: Params, batches: list[Batch], *args) -> dict[str
 class RunResult:
   params: Params
   metrics: dict[str, float]  # The last logged train/ and eval/ metrics.
-
-
-def restore_state(ckpt: Checkpointer, step: int, state: TrainState) -> TrainState:
-  """The checkpoint at `step`, in the layout (and shardings) of `state`. train.grad_accum_steps
-  may change between 1 and k > 1 on resume: the optimiser state is then wrapped in or taken out
-  of optax.MultiSteps' (a checkpoint falls between steps, so its accumulator is empty)."""
-  saved_multi = 'acc_grads' in ckpt.saved_tree(step)['opt_state']
-  multi = isinstance(state.opt_state, optax.MultiStepsState)
-  if saved_multi == multi:
-    return ckpt.restore(step, state)
-  if multi:
-    plain = ckpt.restore(step, TrainState(state.params, state.opt_state.inner_opt_state))
-    return TrainState(plain.params, state.opt_state._replace(inner_opt_state=plain.opt_state))
-  # MultiSteps' step counters: int32 scalars, placed like the optimiser's own (Adam's count).
-  count = next(x for x in jax.tree.leaves(state.opt_state) if x.ndim == 0)
-  saved = ckpt.restore(step, TrainState(state.params, optax.MultiStepsState(
-      mini_step=count, gradient_step=count, inner_opt_state=state.opt_state,
-      acc_grads=state.params, skip_state=())))
-  return TrainState(saved.params, saved.opt_state.inner_opt_state)
 
 
 def divergence_advice(cfg: ml_collections.ConfigDict, last_saved: int | None) -> str:
@@ -292,20 +281,21 @@ class Trainer:
     cfg = self.cfg
     self.is_main = jax.process_index() == 0
     self.flat = config_lib.flat_optimizer(config)
-    # An update per call of the step: micro-batches (accumulated) or a rollout's updates.
-    self.accum, self.calls = cfg.grad_accum_steps, cfg.grad_accum_steps * task.updates_per_step
+    # Calls of the train step per loop step: one, or a rollout's updates.
+    self.accum, self.calls = cfg.grad_accum_steps, task.updates_per_step
     schedule_cfg = ml_collections.ConfigDict(cfg.to_dict())  # The schedule counts updates.
     schedule_cfg.steps = cfg.steps * task.updates_per_step
     self.tx, self.schedule = make_optimizer(schedule_cfg, self.flat), make_schedule(schedule_cfg)
     rows = task.rows_per_update or cfg.batch_size // cfg.grad_accum_steps
     parallel.check_batch(rows, mesh)
-    self.rows, self.batch_sharding = parallel.process_slice(rows), parallel.batch_sharding(mesh)
+    self.rows = parallel.process_slice(rows)
+    self.batch_sharding = parallel.batch_sharding(mesh, stacked=self.accum > 1)
     self.key = jax.random.key(config.seed)
     self.state = self._init_state()
     self.frozen_sharding = parallel.state_shardings(task.frozen, mesh)
     self.frozen = jax.device_put(task.frozen, self.frozen_sharding)
     self.ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
-    start, restored = self.ckpt.restore_newest(lambda s: restore_state(self.ckpt, s, self.state),
+    start, restored = self.ckpt.restore_newest(lambda s: self.ckpt.restore(s, self.state),
                                                cfg.resume_step or None)
     self.start = start or 0
     if self.start:
@@ -334,7 +324,14 @@ class Trainer:
     return RunResult(self.state.params, {})
 
   def get_batch(self, step: int, call: int) -> dict[str, jax.Array]:
-    return parallel.to_global(self.task.train_batch(step, call, self.rows), self.batch_sharding)
+    """This process's rows of the batch of (step, call); with accumulation, its micro-batches
+    stacked [accum, rows, ...]."""
+    if self.accum == 1:
+      batch = self.task.train_batch(step, call, self.rows)
+    else:
+      micro = [self.task.train_batch(step, m, self.rows) for m in range(self.accum)]
+      batch = {k: np.stack([b[k] for b in micro]) for k in micro[0]}
+    return parallel.to_global(batch, self.batch_sharding)
 
   def compile(self) -> None:
     """Compiles the train step (refused when it needs more memory than is free), the eval step
@@ -345,8 +342,8 @@ class Trainer:
     first = self.get_batch(self.start, 0)
     t0 = time.perf_counter()
     self.train_step = make_train_step(
-        task, self.tx, self.config.seed, self.state_sharding, self.batch_sharding, self.flat,
-        self.frozen_sharding).lower(state, first, np.int32(0), np.float32(1), self.frozen).compile()
+        task, self.tx, self.config.seed, self.accum, self.state_sharding, self.batch_sharding,
+        self.flat, self.frozen_sharding).lower(state, first, np.int32(0), self.frozen).compile()
     compile_sec = time.perf_counter() - t0
     device = jax.local_devices()[0]
     need, have = perf.step_memory(self.train_step), perf.free_memory(device)
@@ -359,9 +356,12 @@ class Trainer:
     self.eval_step = jax.jit(lambda params, batch, frozen: task.eval_fn(
         params, batch, **task.with_frozen(frozen)))
     self.eval_batches = [parallel.to_global({k: v[self.rows] for k, v in b.items()},
-                                            self.batch_sharding) for b in task.eval_batches]
+                                            parallel.batch_sharding(self.mesh))
+                         for b in task.eval_batches]
+    first_micro = (lambda batch: batch) if self.accum == 1 else (
+        lambda batch: jax.tree.map(lambda x: x[0], batch))
     self.probe = jax.jit(lambda params, batch, frozen: (
-        task.loss_fn(params, batch, self.key, **task.with_frozen(frozen))[0],
+        task.loss_fn(params, first_micro(batch), self.key, **task.with_frozen(frozen))[0],
         jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))))
     self.writer = metrics_lib.MetricsWriter(self.workdir, self.start, enabled=self.is_main)
     self.progress = metrics_lib.Progress(self.start, self.cfg.steps)
@@ -371,12 +371,10 @@ class Trainer:
       print(f'params {perf.param_count(state.params):,} | {self.flops_per_token / 1e6:.1f} '
             f'MFLOP/token | peak {self.peak / 1e9:.0f} GFLOP/s ({peak_source}) | compiled in '
             f'{compile_sec:.1f}s', flush=True)
-    weigh = task.batch_weight is not None and self.accum > 1
-    # Batches of the next call are built during this one, unless they come from a rollout or
-    # all of a step's micro-batches are needed at once (for their weights).
-    self.prefetch = None if weigh or task.rollout else Prefetcher(
-        self.get_batch, ready=((self.start, 0), first))
-    self.weigh, self.first = weigh, first
+    # Batches of the next call are built during this one, unless they come from a rollout.
+    self.prefetch = None if task.rollout else Prefetcher(self.get_batch,
+                                                         ready=((self.start, 0), first))
+    self.first = first
 
   def _rollout(self, step: int) -> None:
     """Runs the task's rollout for `step` with the current weights (once per step)."""
@@ -389,17 +387,7 @@ class Trainer:
     self.rollouts.append(metrics)
     self.rolled_out = step
 
-  def _weighed(self, step: int) -> tuple[list[Batch], np.ndarray]:
-    """This process's host rows of the step's micro-batches and their gradient scales."""
-    host = [self.task.train_batch(step, m, self.rows) for m in range(self.accum)]
-    weights = np.array([self.task.batch_weight(b) for b in host], np.float64)
-    if jax.process_count() > 1:  # Each process holds its rows: the weights are their sums.
-      weights = np.asarray(multihost_utils.process_allgather(weights)).sum(axis=0)
-    return host, micro_scales(weights)
-
-  def _batch(self, step: int, call: int, host: list[Batch] | None) -> dict[str, jax.Array]:
-    if host is not None:
-      return parallel.to_global(host[call], self.batch_sharding)
+  def _batch(self, step: int, call: int) -> dict[str, jax.Array]:
     if self.prefetch is not None:
       return self.prefetch.get((step, call), self._following(step, call))
     return self.first if (step, call) == (self.start, 0) else self.get_batch(step, call)
@@ -417,18 +405,15 @@ class Trainer:
       t_data = time.perf_counter()
       self._rollout(step)
       self.data_sec += time.perf_counter() - t_data
-    t_data = time.perf_counter()
-    host, scales = self._weighed(step) if self.weigh else (None, np.ones(self.calls, np.float32))
-    self.data_sec += time.perf_counter() - t_data
     for call in range(self.calls):
       t_data = time.perf_counter()
-      batch = self._batch(step, call, host)
+      batch = self._batch(step, call)
       self.data_sec += time.perf_counter() - t_data
       self.state, out = self.train_step(self.state, batch, np.int32(step * self.calls + call),
-                                        scales[call], self.frozen)
+                                        self.frozen)
       if self.pending is not None:
         self._pull(*self.pending)
-      self.pending = (out, step + 1, scales[call], (call + 1) % self.accum == 0)
+      self.pending = (out, step + 1)
     self.steps_in_interval += 1
 
   def check_loss(self, loss: float, step: int, what: str) -> None:
@@ -444,11 +429,11 @@ class Trainer:
     raise UserError(f'{why}: training diverged, and no checkpoint holds it. '
                     + divergence_advice(cfg, self.last_saved))
 
-  def _pull(self, pending_metrics, step, weight, last_micro) -> None:
+  def _pull(self, pending_metrics, step) -> None:
     values = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
     self.check_loss(values['loss'], step, 'the loss')
     self.recent.append(values['loss'])
-    self.history.append((values, weight, last_micro))
+    self.history.append(values)
 
   def _pull_pending(self) -> None:
     if self.pending is not None:
@@ -489,19 +474,11 @@ class Trainer:
       self.ckpt.wait()
       print(f'saved the checkpoint at step {done}; rerun the same command to resume', flush=True)
 
-  def interval_mean(self, k: str) -> float:
-    """Metric k over the log interval: the calls' values weighted as their gradients (see
-    micro_scales); grad_norm, the optimiser steps' (their last micro-steps)."""
-    if k == 'grad_norm':
-      return float(np.mean([h[k] for h, _, last_micro in self.history if last_micro]))
-    return float(np.average([h[k] for h, _, _ in self.history],
-                            weights=[w for _, w, _ in self.history]))
-
   def log(self, done: int) -> None:
     """Writes and prints the means of the log interval that ends after step `done`."""
     elapsed = time.perf_counter() - self.t_interval
     tokens_per_sec = self.steps_in_interval * self.task.tokens_per_step / elapsed
-    last = {f'train/{k}': self.interval_mean(k) for k in self.history[0][0]}
+    last = {f'train/{k}': float(np.mean([h[k] for h in self.history])) for k in self.history[0]}
     last.update({f'train/{k}': float(np.mean([r[k] for r in self.rollouts]))
                  for k in (self.rollouts[0] if self.rollouts else {})})
     last.update({'train/tokens_per_sec': tokens_per_sec,
