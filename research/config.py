@@ -106,6 +106,11 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
   return ModelConfig(vocab_size=rows or vocab_size, **fields)
 
 
+def micro_batch(config: ml_collections.ConfigDict) -> int:
+  """The rows of one micro-batch: train.batch_size / train.grad_accum_steps."""
+  return config.train.batch_size // config.train.grad_accum_steps
+
+
 def with_imported_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config`, with model.* and tokenizer.* those of the Hugging Face model that
   train.init_from='hf:DIR' names (COMPUTE_MODEL_KEYS stay as set); unchanged for other runs."""

@@ -140,7 +140,8 @@ def check_batch(global_batch: int, mesh: Mesh) -> None:
 def check_fits(config: ml_collections.ConfigDict) -> None:
   """Raises UserError unless config.mesh fits the devices and each micro-batch splits over its
   batch axes: checked before a run writes anything."""
-  check_batch(config.train.batch_size // config.train.grad_accum_steps, make_mesh(config.mesh))
+  check_batch(config.train.batch_size // config.train.grad_accum_steps,
+              make_mesh(config.mesh))
 
 
 def process_slice(global_batch: int) -> slice:

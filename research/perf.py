@@ -4,7 +4,7 @@ settings for speed."""
 import ctypes
 import platform
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +114,13 @@ def train_flops_per_token(params, num_layers: int, d_model: int, seq_len: int,
   the weighted sum of values (PaLM, Chowdhery et al. 2022, appendix B)."""
   return (6.0 * matmul_param_count(params, expert_fraction)
           + 12.0 * num_layers * d_model * seq_len)
+
+
+def model_flops_per_token(model: Mapping[str, Any], params: Any, seq_len: int) -> float:
+  """`train_flops_per_token` of a decoder or encoder with the config's `model` section (its
+  layers, width, and the active share of MoE experts) over sequences of seq_len."""
+  return train_flops_per_token(params, model['num_layers'], model['d_model'], seq_len,
+                               model['moe_top_k'] / model['num_experts'])
 
 
 def matmul_probe(n: int = 2048) -> Callable[[], float]:

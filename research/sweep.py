@@ -29,6 +29,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from research import runs
 from research.errors import UserError
 from research.metrics import read_jsonl
 
@@ -96,14 +97,6 @@ def _status(workdir: str) -> dict:
     return json.load(f)
 
 
-def _finished(workdir: str) -> bool:
-  path = os.path.join(workdir, 'summary.json')
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    return json.load(f).get('finished', False)
-
-
 def run_point(cmd: list[str], workdir: str) -> tuple[bool, str]:
   """Runs one point's command, its output appended to workdir/log.txt: (ok, why not).
 
@@ -134,7 +127,7 @@ def run(experiment: str, points: Sequence[Point], root: str, parallel: int = 1,
 
   def one(point: Point) -> None:
     workdir = os.path.join(root, 'sweep', point.name)
-    if _finished(workdir):
+    if runs.is_done(workdir):
       print(f'[sweep] {point.name}: finished earlier, skipped', flush=True)
       return
     print(f'[sweep] {point.name}: running', flush=True)
@@ -142,7 +135,7 @@ def run(experiment: str, points: Sequence[Point], root: str, parallel: int = 1,
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
     ok, why = runner(command(experiment, point, root, extra_args), workdir)
-    status = {'status': 'done' if ok and _finished(workdir) else 'failed', 'error': why,
+    status = {'status': 'done' if ok and runs.is_done(workdir) else 'failed', 'error': why,
               'wall_sec': previous + time.perf_counter() - t0}
     if ok and status['status'] == 'failed':
       status['error'] = 'the run ended before train.steps (preempted?); rerun the sweep to resume'
@@ -169,10 +162,7 @@ def point_row(point: Point, root: str) -> dict:
   records = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
   evals = [r['eval/loss'] for r in records if 'eval/loss' in r]
   speeds = [r['train/tokens_per_sec'] for r in records if 'train/tokens_per_sec' in r]
-  summary = {}
-  if os.path.exists(os.path.join(workdir, 'summary.json')):
-    with open(os.path.join(workdir, 'summary.json')) as f:
-      summary = json.load(f)
+  summary = runs.read_summary(workdir)
   status = _status(workdir)
   return {'point': point.name,
           'overrides': ' '.join(f'{k}={v}' for k, v in point.overrides.items()),

@@ -249,3 +249,23 @@ def test_rlhf_pipeline_is_flat_and_an_earlier_stage_is_overridden_by_name():
   ppo = stages.earlier_config(config, 'ppo')
   assert (ppo.train.steps, ppo.ppo.epochs, ppo.sft.kinds) == (300, 2, ('sort',))
   assert stages.earlier_config(config, 'reward').reward.policy_pairs == 48000
+
+
+def test_a_new_stage_is_one_module_and_one_registry_line(tiny_corpus, tmp_path, monkeypatch):
+  """tests/toy_stage.py, registered by one line: its config section joins the defaults, the
+  pretrain run it needs is trained first in <workdir>/pretrain and linked as train.init_from,
+  and it trains on the shared loop (metrics, checkpoints, summary.json)."""
+  from research import runs  # pylint: disable=g-import-not-at-top
+  from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(stages.MODULES, 'toy', 'tests.toy_stage')
+  config = tiny_config(tiny_corpus, steps=150, batch_size=16, learning_rate=0.05, log_every=50,
+                      eval_every=150, checkpoint_every=150)
+  assert config.toy.noise == 0.1
+  config.stage = 'toy'
+  config.earlier.pretrain = config_lib.earlier_overrides(tiny_config(tiny_corpus, steps=2), config)
+  config_lib.validate(config)
+  workdir = str(tmp_path)
+  result = stages.train(config, workdir)
+  assert runs.read_config(workdir).train.init_from == os.path.join(workdir, 'pretrain')
+  assert runs.is_done(os.path.join(workdir, 'pretrain')) and runs.is_done(workdir)
+  assert result.metrics['eval/loss'] < 0.1  # The noise's variance is 0.01.

@@ -54,7 +54,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, init_params,
               train_rows: dict[str, np.ndarray], held_rows: dict[str, np.ndarray]) -> loop.Task:
   """DPO on `with_reference` rows; init_params(key) -> the starting policy."""
   t = config.train
-  micro_batch = t.batch_size // t.grad_accum_steps
+  micro_batch = config_lib.micro_batch(config)
 
   def loss_fn(params, batch, key):
     del key
@@ -74,8 +74,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, init_params,
       train_batch=train_batch,
       eval_batches=eval_batches,
       tokens_per_step=t.batch_size * 2 * t.seq_len,
-      flops_per_token=lambda params: perf.train_flops_per_token(
-          params, config.model.num_layers, config.model.d_model, t.seq_len))
+      flops_per_token=lambda params: perf.model_flops_per_token(config.model, params, t.seq_len))
 
 
 def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, dict]:

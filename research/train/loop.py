@@ -286,7 +286,7 @@ class Trainer:
     schedule_cfg = ml_collections.ConfigDict(cfg.to_dict())  # The schedule counts updates.
     schedule_cfg.steps = cfg.steps * task.updates_per_step
     self.tx, self.schedule = make_optimizer(schedule_cfg, self.flat), make_schedule(schedule_cfg)
-    rows = task.rows_per_update or cfg.batch_size // cfg.grad_accum_steps
+    rows = task.rows_per_update or config_lib.micro_batch(config)
     parallel.check_batch(rows, mesh)
     self.rows = parallel.process_slice(rows)
     self.batch_sharding = parallel.batch_sharding(mesh, stacked=self.accum > 1)

@@ -60,7 +60,7 @@ def mlm_fns(model: EncoderLM) -> tuple[Callable, Callable]:
 def make_task(config: ml_collections.ConfigDict, model: EncoderLM, tok: tokenizers.Tokenizer,
               train_tokens: np.ndarray, val_tokens: np.ndarray) -> loop.Task:
   t, m = config.train, config.model
-  micro_batch = t.batch_size // t.grad_accum_steps
+  micro_batch = config_lib.micro_batch(config)
   loss_fn, eval_fn = mlm_fns(model)
   return loop.Task(
       init_params=lambda key: model.init(key, jnp.zeros((1, t.seq_len), jnp.int32))['params'],
@@ -71,8 +71,7 @@ def make_task(config: ml_collections.ConfigDict, model: EncoderLM, tok: tokenize
       eval_batches=mlm.eval_batches(val_tokens, t.eval_batches, micro_batch, t.seq_len,
                                     config.seed, config.mlm, tok),
       tokens_per_step=t.batch_size * t.seq_len,
-      flops_per_token=lambda params: perf.train_flops_per_token(
-          params, m.num_layers, m.d_model, t.seq_len, m.moe_top_k / m.num_experts),
+      flops_per_token=lambda params: perf.model_flops_per_token(m, params, t.seq_len),
       # The masked-token loss is a mean over the selected tokens, whose count varies; with the
       # next-sentence loss (a mean over rows) added, micro-batches count the same.
       batch_weight=None if config.mlm.next_sentence else lm.target_tokens)

@@ -176,9 +176,7 @@ def step_spec(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[loop
 
 def flops_per_token(config: ml_collections.ConfigDict, params: Any) -> float:
   """Training FLOPs per token of an update: the policy's and the value model's."""
-  m = config.model
-  return 2 * perf.train_flops_per_token(params['policy'], m.num_layers, m.d_model,
-                                        config.train.seq_len, m.moe_top_k / m.num_experts)
+  return 2 * perf.model_flops_per_token(config.model, params['policy'], config.train.seq_len)
 
 
 def task_prompts(config: ml_collections.ConfigDict, tok: tokenizers.Tokenizer

@@ -24,7 +24,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens:
               val_tokens: np.ndarray, start_params: Any = None) -> loop.Task:
   """The pretraining task, from `start_params` (default: a fresh init)."""
   t = config.train
-  micro_batch = t.batch_size // t.grad_accum_steps
+  micro_batch = config_lib.micro_batch(config)
   loss_fn, eval_fn = lm.lm_fns(model, t.loss_chunk)
   return loop.Task(
       init_params=lambda key: model.init(key, jnp.zeros((1, t.seq_len), jnp.int32))['params'],
@@ -35,9 +35,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, train_tokens:
                                                         config.seed, step, micro, rows),
       eval_batches=lm_data.eval_batches(val_tokens, t.eval_batches, micro_batch, t.seq_len),
       tokens_per_step=t.batch_size * t.seq_len,
-      flops_per_token=lambda params: perf.train_flops_per_token(
-          params, config.model.num_layers, config.model.d_model, t.seq_len,
-          config.model.moe_top_k / config.model.num_experts))
+      flops_per_token=lambda params: perf.model_flops_per_token(config.model, params, t.seq_len))
 
 
 def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.Batch]:

@@ -136,7 +136,7 @@ def make_task(config: ml_collections.ConfigDict, model: ScalarLM, init_params,
               train_rows: dict[str, np.ndarray], held_rows: dict[str, np.ndarray]) -> loop.Task:
   """The Bradley-Terry task on `preferences.encode_pairs` rows; init_params(key) -> params."""
   t = config.train
-  micro_batch = t.batch_size // t.grad_accum_steps
+  micro_batch = config_lib.micro_batch(config)
 
   def loss_fn(params, batch, key):
     del key  # No dropout in the reward model.
@@ -155,8 +155,8 @@ def make_task(config: ml_collections.ConfigDict, model: ScalarLM, init_params,
       train_batch=train_batch,
       eval_batches=eval_batches,
       tokens_per_step=t.batch_size * 2 * t.seq_len,
-      flops_per_token=lambda params: perf.train_flops_per_token(
-          params['lm'], config.model.num_layers, config.model.d_model, t.seq_len))
+      flops_per_token=lambda params: perf.model_flops_per_token(config.model, params['lm'],
+                                                                t.seq_len))
 
 
 def step_spec(config: ml_collections.ConfigDict, cfg) -> tuple[loop.Task, loop.Batch]:

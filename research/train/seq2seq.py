@@ -77,7 +77,7 @@ def flops_per_token(params: Any, num_layers: int, d_model: int, seq_len: int) ->
 def make_task(config: ml_collections.ConfigDict, model: DecoderLM,
               tok: tokenizers.Tokenizer) -> loop.Task:
   t, m = config.train, config.model
-  micro_batch = t.batch_size // t.grad_accum_steps
+  micro_batch = config_lib.micro_batch(config)
   loss_fn, lm_eval_fn = lm.lm_fns(model, t.loss_chunk)
 
   def train_batch(step: int, micro: int, rows: slice) -> Batch:
@@ -104,7 +104,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM,
 def held_out_pairs(config: ml_collections.ConfigDict) -> list[list[tuple[str, str]]]:
   """train.eval_batches fixed micro-batches of held-out (source, target) pairs."""
   t = config.train
-  size = t.batch_size // t.grad_accum_steps
+  size = config_lib.micro_batch(config)
   rng = np.random.default_rng([config.seed, 0, 0, 1])
   pairs = numbers.pairs(numbers.draw_numbers('held_out', t.eval_batches * size, rng))
   return [pairs[i:i + size] for i in range(0, len(pairs), size)]

@@ -64,7 +64,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
               ) -> loop.Task:
   """Full fine-tuning of `base`, or (lora.rank > 0) training adapters of it, on packed rows."""
   t, lc = config.train, config.lora
-  micro_batch = t.batch_size // t.grad_accum_steps
+  micro_batch = config_lib.micro_batch(config)
   lm_loss_fn, lm_eval_fn = lm.lm_fns(model, t.loss_chunk)
   loss_fn, eval_fn, init_params, frozen = lm_loss_fn, lm_eval_fn, lambda key: base, None
   start = None if lc.rank else base
@@ -73,8 +73,7 @@ def make_task(config: ml_collections.ConfigDict, model: DecoderLM, base: Any,
     loss_fn = lambda adapters, batch, key, frozen: lm_loss_fn(merged(adapters, frozen), batch, key)
     eval_fn = lambda adapters, batch, frozen: lm_eval_fn(merged(adapters, frozen), batch)
     init_params, frozen = lambda key: lora.init(key, base, lc.rank, lc.targets), base
-  flops = perf.train_flops_per_token(base, config.model.num_layers, config.model.d_model,
-                                     t.seq_len, config.model.moe_top_k / config.model.num_experts)
+  flops = perf.model_flops_per_token(config.model, base, t.seq_len)
   train_batch, eval_batches = sft_data.row_batches(train_rows, held_out_rows, micro_batch,
                                                     config.seed, t.eval_batches)
   return loop.Task(
