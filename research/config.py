@@ -17,6 +17,7 @@ from research.data import preferences
 from research.data import sft as sft_data
 from research.data import sources
 from research.errors import UserError
+from research.train import optimizer
 from research.nn.config import NOT_CONFIG_KEYS, ModelConfig
 
 
@@ -92,7 +93,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-SCHEDULES = ('cosine', 'linear', 'constant')  # train.schedule (research/train/optimizer.py).
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -172,8 +172,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.warmup_steps < 0 or not 0 <= t.min_lr_ratio <= 1:
     raise UserError(f'train.warmup_steps={t.warmup_steps} must be >= 0 and train.min_lr_ratio='
                     f'{t.min_lr_ratio} in [0, 1].')
-  if t.schedule not in SCHEDULES:
-    raise UserError(f'train.schedule={t.schedule!r} is not one of {SCHEDULES}.')
+  if t.schedule not in optimizer.SCHEDULES:
+    raise UserError(f'train.schedule={t.schedule!r} is not one of {optimizer.SCHEDULES}.')
   decoding.check_sampling(config.sampling)  # The sample at the end of training uses it.
   sources.check_path(config.data.path)
   from research.train import stages  # pylint: disable=g-import-not-at-top (they import this)
@@ -210,12 +210,14 @@ def check_held_out_fractions(config: ml_collections.ConfigDict) -> None:
 # workdir must keep them, and the optimizer state's layout (`flat_optimizer`); train.*, mesh.* and
 # sampling.* may otherwise change between runs (e.g. more steps).
 FIXED_SECTIONS = ('model', 'tokenizer', 'data')
-# Keys of those sections that say how to compute, not what: free to change (and absent from
-# workdirs made before they existed).
-FREE_KEYS = (('model', 'attention'), ('model', 'remat'), ('model', 'dtype'))
 # Model keys that change neither the shapes nor the meaning of the weights: free to differ from
 # the run a run starts from (train.init_from).
 COMPUTE_MODEL_KEYS = ('dropout', 'dtype', 'param_dtype', 'attention', 'remat', 'scan_layers')
+# Of those, the ones that also leave a workdir's checkpoints and its training as they are: free
+# to change between runs in one workdir (and absent from workdirs made before they existed).
+# scan_layers and param_dtype fix the checkpoints' layout, dropout changes what the rest learns.
+FREE_KEYS = tuple(('model', k) for k in COMPUTE_MODEL_KEYS
+                  if k not in ('scan_layers', 'param_dtype', 'dropout'))
 # Mesh axes that shard parameters (research/parallel.py).
 PARAM_AXES = ('fsdp', 'tensor', 'expert')
 

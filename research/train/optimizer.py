@@ -8,6 +8,9 @@ import optax
 from research.errors import UserError
 
 
+SCHEDULES = ('cosine', 'linear', 'constant')
+
+
 def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to `learning_rate`, then `cosine` or `linear` decay to lr * min_lr_ratio
   at `steps` (or `constant`). Counted in optimiser steps."""
@@ -22,7 +25,7 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
   if cfg.schedule == 'constant':
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
                                  optax.constant_schedule(peak)], [warmup])
-  raise UserError(f"train.schedule={cfg.schedule!r} is not one of ('cosine', 'linear', 'constant').")
+  raise UserError(f'train.schedule={cfg.schedule!r} is not one of {SCHEDULES}.')
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict,

@@ -11,17 +11,22 @@ without EOS scores -ppo.missing_eos_penalty instead: the reward model never saw 
 PPO found replies it scored high - 2026-12-02, seed 1: RM reward +1.5, KL 7 nats, accuracy 83.5%
 -> 35% with the penalty merely subtracted) -> GAE advantages, whitened -> ppo.epochs passes of
 clipped policy and value updates over shuffled minibatches. Rollout and update are jitted.
+An iteration is a step of the shared loop (research/train/loop.py): the rollout is its rollout
+hook, the updates go through its train step, and the adaptive KL coefficient is task state
+checkpointed with the weights, so PPO saves on SIGTERM, halts on NaN, shards over the mesh and
+resumes exactly like every stage.
 
-Starts from `train.init_from` (the SFT run; else `earlier.sft` is trained in <workdir>/sft) and
-`ppo.reward_from` (else `earlier.reward` is trained in <workdir>/reward). With
+Starts from `train.init_from` (the SFT run; else `earlier.sft` is trained in <root>/sft) and
+`ppo.reward_from` (else `earlier.reward` is trained in <root>/reward). With
 ppo.reward='checker' the score is instead 1 for a reply that matches the record's answer exactly,
 else 0 (a verifiable reward, as in RLVR): no reward model, and the upper bound of what a reward
 model of that task can give PPO.
 
-Logs per iteration the true task score of the samples (the verifier), RM reward, KL, entropy,
-clip fraction, approx KL, explained variance, response length and beta; every train.eval_every
-iterations the held-out greedy exact match. Writes ppo.png, exact_match.json and resumable
-checkpoints.
+Logs (means over train.log_every iterations) the true task score of the samples (the verifier),
+RM reward, KL, entropy, clip fraction, approx KL, explained variance, response length and beta;
+every train.eval_every iterations the held-out greedy exact match. Writes ppo.png,
+exact_match.json and the final policy alone in <workdir>/policy (what `runs.load_trained`
+reads).
 """
 
 import json
