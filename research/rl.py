@@ -1,12 +1,13 @@
 """The arithmetic of RLHF, as pure functions of arrays: sequence log-probs, KL estimators, GAE,
-the PPO surrogate and value losses, the adaptive KL coefficient, the DPO loss, and a reward
-model's normalised scores.
+the PPO surrogate and value losses, the adaptive KL coefficient, the group-relative losses (GRPO,
+Dr. GRPO, DAPO, RLOO), the DPO loss, and a reward model's normalised scores.
 
 Conventions: a rollout is a batch of left-padded prompts [batch, prompt_len] followed by
 responses [batch, resp_len]; response arrays are [batch, resp_len] with `mask` 1 on the tokens up
 to and including the first EOS. Rewards, values and advantages are float32 throughout.
 References: Schulman et al. 2017 (PPO), 2016 (GAE); Ziegler et al. 2019 (adaptive KL); Huang et
-al. 2024 ("The N Implementation Details of RLHF with PPO"); Rafailov et al. 2023 (DPO).
+al. 2024 ("The N Implementation Details of RLHF with PPO"); Rafailov et al. 2023 (DPO); the group
+losses' papers by their switch (`GROUP_LOSSES`).
 """
 
 from typing import Any
@@ -133,6 +134,75 @@ def adaptive_beta(beta: float, kl: float, target: float, horizon: int, batch_siz
   """Ziegler et al. 2019: beta *= 1 + clip(kl / target - 1, -0.2, 0.2) * batch_size / horizon."""
   error = float(np.clip(kl / target - 1, -0.2, 0.2))
   return beta * (1 + error * batch_size / horizon)
+
+
+# Group-relative policy optimisation and its corrections, one switch (`GROUP_LOSSES`):
+#   'grpo'    Shao et al. 2024 (DeepSeekMath): advantages (r - group mean) / group std; each
+#             sequence's token losses averaged over its length, then over sequences.
+#   'dr_grpo' Liu et al. 2025 ("Understanding R1-Zero-like training"): no std division, and token
+#             losses summed per sequence and divided by a constant (the longest possible reply),
+#             so neither short nor long replies are favoured.
+#   'dapo'    Yu et al. 2025: GRPO's advantages; token-level loss (all tokens of the batch weigh
+#             the same); clip-higher (separate low/high epsilons), dynamic sampling and overlong
+#             shaping (`keep_informative_groups`, `overlong_penalty`).
+#   'rloo'    Ahmadian et al. 2024: leave-one-out baseline, r - mean of the other replies of the
+#             group; losses as GRPO's.
+GROUP_LOSSES = ('grpo', 'dr_grpo', 'dapo', 'rloo')
+
+
+def group_advantages(rewards: jnp.ndarray, kind: str, eps: float = 1e-6) -> jnp.ndarray:
+  """Advantages [prompts, group] of rewards [prompts, group] (G replies per prompt), float32; 0
+  for every reply of a group whose rewards are all equal."""
+  rewards = rewards.astype(jnp.float32)
+  centred = rewards - rewards.mean(axis=1, keepdims=True)
+  if kind in ('grpo', 'dapo'):
+    std = rewards.std(axis=1, keepdims=True)
+    return jnp.where(std > eps, centred / (std + eps), 0.0)
+  if kind == 'dr_grpo':
+    return centred
+  if kind == 'rloo':
+    g = rewards.shape[1]
+    return centred * g / (g - 1)  # r_i - mean of the other g - 1.
+  raise ValueError(f'unknown group loss {kind!r}; expected one of {GROUP_LOSSES}')
+
+
+def group_policy_loss(logp: jnp.ndarray, old_logp: jnp.ndarray, advantages: jnp.ndarray,
+                      mask: jnp.ndarray, kind: str, clip_low: float, clip_high: float
+                      ) -> tuple[jnp.ndarray, dict]:
+  """The clipped importance-ratio surrogate of a batch of replies, normalised as `kind` says.
+
+  logp, old_logp, mask: [batch, resp_len]; advantages: [batch] (one per reply, the same on each of
+  its tokens). The ratio is clipped to [1 - clip_low, 1 + clip_high]. Metrics: the clipped share
+  of tokens and the approximate KL between the old and new policy.
+  """
+  log_ratio = logp - old_logp
+  ratio = jnp.exp(log_ratio)
+  adv = advantages[:, None].astype(jnp.float32)
+  unclipped, clipped = -adv * ratio, -adv * jnp.clip(ratio, 1 - clip_low, 1 + clip_high)
+  token_loss = jnp.maximum(unclipped, clipped) * mask
+  if kind == 'dapo':
+    loss = token_loss.sum() / jnp.maximum(mask.sum(), 1.0)
+  elif kind == 'dr_grpo':
+    loss = (token_loss.sum(axis=1) / mask.shape[1]).mean()
+  elif kind in ('grpo', 'rloo'):
+    loss = (token_loss.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)).mean()
+  else:
+    raise ValueError(f'unknown group loss {kind!r}; expected one of {GROUP_LOSSES}')
+  return loss, {'clip_frac': masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+                'approx_kl': masked_mean(jnp.expm1(log_ratio) - log_ratio, mask)}
+
+
+def keep_informative_groups(rewards: np.ndarray) -> np.ndarray:
+  """DAPO's dynamic sampling: bool [prompts], the groups of rewards [prompts, group] whose
+  rewards differ (a group whose replies all score the same has no gradient)."""
+  return np.ptp(np.asarray(rewards), axis=1) > 0
+
+
+def overlong_penalty(lengths: np.ndarray, max_len: int, buffer: int) -> np.ndarray:
+  """DAPO's soft overlong punishment of replies of `lengths` tokens (at most max_len): 0 up to
+  max_len - buffer, then falling linearly to -1 at max_len."""
+  lengths = np.asarray(lengths, np.float32)
+  return np.clip((max_len - buffer - lengths) / max(buffer, 1), -1.0, 0.0)
 
 
 def dpo_loss(logp: jnp.ndarray, ref_logp: jnp.ndarray, beta: float,
