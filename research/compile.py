@@ -209,15 +209,18 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, num_slices: i
   Raises UserError when the mesh does not match the slice or the step does not fit in HBM.
 
   The program's FLOPs as XLA counts them miss all but one trip of each loop (scanned layers,
-  windowed einsums). With `count_flops`, they are counted on a second compile of the same step
-  with its layers unrolled and windowed einsums off (the same work, no loops)."""
+  windowed einsums, the scan over train.grad_accum_steps micro-batches). With `count_flops`, they
+  are counted on a second compile of one micro-batch's step with its layers unrolled and windowed
+  einsums off (the same work, no loops), times the micro-batches."""
   report = _compile(config, topology, num_slices)
   if count_flops and report.flops_counted != 'no loops':
     unrolled = copy.deepcopy(config)
     unrolled.model.scan_layers = False
+    accum = config.train.grad_accum_steps
+    unrolled.train.update(batch_size=config.train.batch_size // accum, grad_accum_steps=1)
     counted = _compile(unrolled, topology, num_slices, NO_WINDOWED_EINSUMS)
-    report.compiled_flops = counted.compiled_flops
-    report.bytes_accessed = counted.bytes_accessed
+    report.compiled_flops = counted.compiled_flops * accum
+    report.bytes_accessed = counted.bytes_accessed * accum
     report.flops_counted = 'counted unrolled, windowed einsums off'
   return report
 

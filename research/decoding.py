@@ -105,30 +105,56 @@ def decode_step(model: nn.Module, params: Any, tokens: jnp.ndarray, positions: j
 
 def decode(model: nn.Module, params: Any, logits: jnp.ndarray, cache: Cache,
            positions: jnp.ndarray, key: jax.Array, *, max_new_tokens: int, temperature: float,
-           top_k: int, top_p: float, eos_id: int, pad_id: int) -> jnp.ndarray:
+           top_k: int, top_p: float, eos_id: int, pad_id: int, with_logprobs: bool = False
+           ) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
   """The decode loop after `prefill`: its logits [batch, vocab], cache and positions [batch, 1].
 
   Stops when every row has emitted EOS. Returns int32 [batch, max_new_tokens]: new tokens,
-  `pad_id` after a row's EOS.
+  `pad_id` after a row's EOS; with_logprobs, also float32 [batch, max_new_tokens]: each sampled
+  token's log-probability at `temperature` before top-k/top-p filtering (0 after EOS), as
+  rl.token_logprobs computes it from a full forward pass.
   """
   b = logits.shape[0]
 
   def cond(carry):
-    i, _, _, done, _, _ = carry
+    i, _, _, done, _, _, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
-    i, logits, cache, done, out, key = carry
+    i, logits, cache, done, out, logp, key = carry
     key, sub = jax.random.split(key)
     tok = next_token(logits, sub, temperature, top_k, top_p)
     out = out.at[:, i].set(jnp.where(done, pad_id, tok))
+    if with_logprobs:
+      lp = jax.nn.log_softmax(logits.astype(jnp.float32) / max(temperature, 1e-6), axis=-1)
+      chosen = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+      logp = logp.at[:, i].set(jnp.where(done, 0.0, chosen))
     done |= tok == eos_id
     logits, cache = decode_step(model, params, tok, positions + i, cache)
-    return i + 1, logits, cache, done, out, key
+    return i + 1, logits, cache, done, out, logp, key
 
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-  carry = (0, logits, cache, jnp.zeros((b,), bool), out, key)
-  return jax.lax.while_loop(cond, body, carry)[4]
+  logp = jnp.zeros((b, max_new_tokens) if with_logprobs else (0,), jnp.float32)
+  carry = (0, logits, cache, jnp.zeros((b,), bool), out, logp, key)
+  _, _, _, _, out, logp, _ = jax.lax.while_loop(cond, body, carry)
+  return (out, logp) if with_logprobs else out
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'group', 'max_new_tokens', 'temperature'))
+def sample_groups(model: nn.Module, params: Any, prompts: jnp.ndarray, prompt_mask: jnp.ndarray,
+                  key: jax.Array, *, group: int, max_new_tokens: int, temperature: float,
+                  eos_id: int, pad_id: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """`group` sampled replies to each left-padded prompt [prompts, prompt_len] that share its
+  prefill: the prompt runs through the model once and its cache is repeated for its replies.
+  Returns (replies int32, their log-probs float32), both [prompts * group, max_new_tokens], the
+  replies of prompt p in rows p * group ... p * group + group - 1 (see `decode`)."""
+  logits, cache, positions = prefill(model, params, prompts, prompt_mask,
+                                     prompts.shape[1] + max_new_tokens)
+  rows = jnp.repeat(jnp.arange(prompts.shape[0]), group)
+  cache = take_cache_rows(model.cfg, cache, rows)
+  return decode(model, params, logits[rows], cache, positions[rows], key,
+                max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+                eos_id=eos_id, pad_id=pad_id, with_logprobs=True)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',

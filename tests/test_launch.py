@@ -181,7 +181,7 @@ def test_stages_are_the_registered_ones():
   with pytest.raises(UserError) as err:
     stages.get('stages')
   listed = re.search(r'not one of \[(.*)\]', str(err.value)).group(1)
-  assert listed == "'dpo', 'mlm', 'ppo', 'pretrain', 'reward', 'rlhf', 'seq2seq', 'sft'"
+  assert listed == "'dpo', 'grpo', 'mlm', 'ppo', 'pretrain', 'reward', 'rlhf', 'seq2seq', 'sft'"
   assert [s.name for s in stages.all_stages()] == list(stages.MODULES)
   needs = {s.name: [n.stage for n in s.needs] for s in stages.all_stages()}
   assert needs['ppo'] == ['sft', 'reward'] and needs['dpo'] == ['sft'] and needs['pretrain'] == []

@@ -32,6 +32,7 @@ MODULES = {
     'reward': 'research.train.reward',
     'dpo': 'research.train.dpo',
     'ppo': 'research.train.ppo',
+    'grpo': 'research.train.grpo',
     'rlhf': 'research.train.rlhf',
 }
 
