@@ -32,3 +32,23 @@ def tiny_config(data_path: str, **train):
                            eval_every=4, eval_batches=2, checkpoint_every=4), **train))
   c.sampling.update(max_new_tokens=8, prompt='def ')
   return c
+
+
+def tiny_sft_config(corpus):
+  """A tiny SFT run on sorting questions: the policy the RL tests (PPO, GRPO) start from."""
+  c = tiny_config(corpus, steps=4, seq_len=48, batch_size=4, eval_every=4, checkpoint_every=4)
+  c.stage = 'sft'
+  c.model.max_len = 64
+  c.sft.update(num_train=64, num_held_out=16, max_new_tokens=4, kinds=('sort',))
+  return c
+
+
+@pytest.fixture(scope='session')
+def sft_run(tiny_corpus, tmp_path_factory):
+  from research import runs  # pylint: disable=g-import-not-at-top
+  from research.train import sft  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('sft'))
+  c = tiny_sft_config(tiny_corpus)
+  runs.write_config(c, workdir)
+  sft.train(c, workdir)
+  return workdir

@@ -16,7 +16,7 @@ from research import runs
 from research.data import sft as sft_data
 from research.errors import UserError
 from research.train import grpo, loop, stages
-from tests.test_ppo_loop import flat, sft_run  # pylint: disable=unused-import (a fixture)
+from tests.test_ppo_loop import flat
 
 
 def grpo_config(sft_dir: str, **grpo_keys) -> config_lib.ml_collections.ConfigDict:

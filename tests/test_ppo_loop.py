@@ -16,18 +16,9 @@ from research import checkpoint
 from research import config as config_lib
 from research import runs
 from research.errors import UserError
-from research.train import loop, ppo, sft, stages
-from tests.conftest import tiny_config
+from research.train import loop, ppo, stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def sft_config(corpus):
-  c = tiny_config(corpus, steps=4, seq_len=48, batch_size=4, eval_every=4, checkpoint_every=4)
-  c.stage = 'sft'
-  c.model.max_len = 64
-  c.sft.update(num_train=64, num_held_out=16, max_new_tokens=4, kinds=('sort',))
-  return c
 
 
 def ppo_config(sft_dir: str, **train) -> config_lib.ml_collections.ConfigDict:
@@ -39,15 +30,6 @@ def ppo_config(sft_dir: str, **train) -> config_lib.ml_collections.ConfigDict:
                       **train))
   c.ppo.update(reward='checker', epochs=2, minibatch_size=4, max_new_tokens=4, target_kl=1.0)
   return c
-
-
-@pytest.fixture(scope='module')
-def sft_run(tiny_corpus, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('sft'))
-  c = sft_config(tiny_corpus)
-  runs.write_config(c, workdir)
-  sft.train(c, workdir)
-  return workdir
 
 
 def flat(params) -> np.ndarray:
