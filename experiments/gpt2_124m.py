@@ -10,9 +10,9 @@ Compile it for a TPU slice on any host (libtpu: pip install -r requirements-tpu.
 
   python launch.py --experiment=gpt2_124m --mode=compile --topology=v5e-16
 
-Expected (jax 0.10.2, libtpu 0.0.42.1): fits, 5.2 GiB per v5e chip of 16 (8 sequences per chip),
-1.09x the analytic floor; with --count_flops, FLOPs per chip (6.11e12) and temporaries (5.1 GiB)
-as the same step's with --config.mesh.data=16 --config.mesh.fsdp=1 (checked by
+Expected (jax 0.10.2, libtpu 0.0.42.1): fits, 5.2 GiB per v5e chip of 16 (4 micro-batches of 8
+sequences per chip), 1.12x the analytic floor; with --count_flops, FLOPs per chip (2.44e13 a step)
+and temporaries (5.1 GiB) as the same step's with --config.mesh.data=16 --config.mesh.fsdp=1 (checked by
 tests/test_compile.py, slow; the README's compile table has the figures).
 
 To train, give it a corpus and a tokenizer of that size (a SentencePiece BPE of 50,304 pieces

@@ -12,10 +12,10 @@ loss's float32 logits 256 positions at a time (train.loss_chunk). The recipe: Ad
       --config.mesh.fsdp=16 --config.mesh.tensor=4 --config.train.grad_accum_steps=32
 
 v5p-128 is Cloud TPU's name for 64 chips (the number counts TensorCores). Expected (jax 0.10.2,
-libtpu 0.0.42.1; the README's compile table has the figures): with one sequence per chip, 26.8
-GiB per chip of 95 with fsdp=64 and 12.6 GiB with fsdp=16 x tensor=4, within 1.05x of the
-analytic floor (with model.remat=full: 8.8 and 6.3 GiB, 1.9x and 1.4x: one layer's backward at
-8,192 tokens is not in the floor); the 32 scanned layers compile in ~35 s on 2 CPU cores
+libtpu 0.0.42.1; the README's compile table has the figures): with one sequence per chip per
+micro-batch, 27.3 GiB per chip of 95 with fsdp=64 and 12.9 GiB with fsdp=16 x tensor=4, within
+1.07x of the analytic floor (with model.remat=full: 9.3 and 6.7 GiB, 2.0x and 1.5x: one layer's
+backward at 8,192 tokens is not in the floor); the 32 scanned layers compile in ~35 s on 2 CPU cores
 (unrolled: ~4.5 minutes).
 """
 

@@ -288,8 +288,8 @@ def _compile(config: ml_collections.ConfigDict, topology: str, num_slices: int,
   opt_state = _bytes_per_device(state.opt_state)
   total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
            - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-  floor = params + _bytes_per_device(state.params) + opt_state + activation_floor(
-      model_cfg, t, mesh, rows)
+  grads = _bytes_per_device(state.params) * (2 if accum > 1 else 1)  # + the float32 accumulator.
+  floor = params + grads + opt_state + activation_floor(model_cfg, t, mesh, rows)
   tokens = task.tokens_per_step
   model_flops = task.flops_per_token(abstract.params) * tokens / len(devices)
   hlo = compiled.as_text()

@@ -165,23 +165,21 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, seed: int, acc
   def accumulated(params, batch, index, frozen):
     """The batch_weight-weighted means of the micro-batches' gradients and metrics."""
     keys = [jax.random.fold_in(jax.random.key(seed), index * accum + m) for m in range(accum)]
+    weights = (jnp.ones(accum, jnp.float32) if task.batch_weight is None
+               else jax.vmap(task.batch_weight)(batch).astype(jnp.float32))
+    weights = weights / jnp.maximum(weights.sum(), 1e-9)  # Summed in place: no rescaling pass.
 
     def micro(carry, xs):
-      key, mb = xs
+      key, w, mb = xs
       grads, metrics = loss_and_grads(params, mb, key, frozen)
-      w = jnp.float32(1) if task.batch_weight is None else jnp.float32(task.batch_weight(mb))
       add = lambda total, x: total + w * x.astype(total.dtype)
-      return (jax.tree.map(add, carry[0], grads), jax.tree.map(add, carry[1], metrics),
-              carry[2] + w), None
+      return (jax.tree.map(add, carry[0], grads), jax.tree.map(add, carry[1], metrics)), None
 
     shapes = jax.eval_shape(loss_and_grads, params, jax.tree.map(lambda x: x[0], batch), keys[0],
                             frozen)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-    (grads, metrics, total), _ = jax.lax.scan(micro, (*zeros, jnp.float32(0)),
-                                              (jnp.stack(keys), batch))
-    scale = 1 / jnp.maximum(total, 1e-9)
-    grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
-    return grads, jax.tree.map(lambda m: m * scale, metrics)
+    (grads, metrics), _ = jax.lax.scan(micro, zeros, (jnp.stack(keys), weights, batch))
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), metrics
 
   def train_step(state: TrainState, batch: Batch, index: jax.Array,
                  frozen: Params | None = None):
