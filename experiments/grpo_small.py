@@ -7,6 +7,17 @@ verifiable task, rewarded by the exact checker; rollouts from our own KV-cache d
 
 Ends with results.md / results.json (held-out exact match per kind before and after, the
 rollouts' sampled tokens per second) and grpo.png.
+
+Measured (2 CPU cores, 2026-12-06, from rlhf_small's SFT run: 44.5% held out over all kinds, sort
+75%, count 37.5%, subtract 10%, add 0%, convert 100%): rollouts sample 13.7k tokens/s; 40
+iterations take 25 s. On sorting alone (--config.sft.kinds=sort, lr 1e-4, minibatch 32): 75.5% ->
+86.0% in 200 iterations (~2 min; sampled reward 0.67 -> 0.88). On all kinds it does not learn yet:
+  lr 2e-4, minibatch 64, 300 iterations              44.5% -> 40.0% (sort 50%)
+  lr 1e-4, minibatch 32, 300 iterations              43.5% (sort 70%)
+  dapo, clip_high 0.28, lr 1e-4, 200 iterations       44.0% (sort 67.5%)
+  beta 0.04 (k3 KL), lr 5e-5, 100 iterations          44.0% (sort 70%)
+Sorting falls while the other kinds hold: the kinds interfere in this 1.8M-parameter model; the
+settings below are a starting point, not a tuned recipe.
 """
 
 from experiments import sft_small
