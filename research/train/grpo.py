@@ -105,8 +105,15 @@ def reward_functions(config: ml_collections.ConfigDict, tok: tokenizers.Tokenize
         raise UserError(f'grpo.reward_from={g.reward_from!r} reads another tokenizer; train the '
                         'reward model from this policy\'s SFT run.')
       score = jax.jit(lambda tokens: rm.score(*decoding_inputs(tokens, tok.pad_id)))
-      fn = lambda p, reply, r, ended, score=score: float(score(np.array(
-          [tok.encode(p) + tok.encode(reply)], np.int32))[0])
+      length = config.model.max_len  # One shape: compiled once, whatever the reply's length.
+
+      def fn(p, reply, r, ended, score=score, length=length):
+        del p
+        ids = (decoding.chat_prompt(tok, r.messages[:-1]) + tok.encode(reply)
+               + ([tok.eos_id] if ended else []))[:length]
+        row = np.full((1, length), tok.pad_id, np.int32)
+        row[0, :len(ids)] = ids
+        return float(score(row)[0])
     else:
       fn = user_function(name)
     out.append((name, float(weight), fn))
